@@ -1,0 +1,43 @@
+"""dsa_compile: turn dense attention in any PyTorch model into DeepSeek Sparse Attention.
+
+    import torch, dsa_compile
+    compiled = torch.compile(model, backend="dsa", options={"top_k": 2048})
+
+Public API (everything else is internal):
+
+- :class:`DSAConfig`                      what the rewrite does
+- :func:`apply`, :func:`explain`          the FX passes as a library, and their report
+- :func:`calibrate`                       dense warm-up distillation of the indexers
+- :func:`save_indexers`, :func:`load_indexers`   indexer persistence (safetensors)
+- :func:`selection_recall`                how much attention the selection captures
+- :mod:`dsa_compile.onnx`                 ONNX export and onnxruntime helpers
+- ``torch.ops.dsa.*``                     the DSA operators (registered on import)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from dsa_compile import ops  # noqa: F401  (registers torch.ops.dsa.*)
+from dsa_compile.config import DSAConfig
+
+# Heavier parts load on first use, so `import dsa_compile` stays cheap.
+_LAZY = {
+    "apply": "dsa_compile.api",
+    "explain": "dsa_compile.api",
+    "calibrate": "dsa_compile.calibrate",
+    "save_indexers": "dsa_compile.calibrate",
+    "load_indexers": "dsa_compile.calibrate",
+    "selection_recall": "dsa_compile.metrics",
+}
+
+__all__ = ["DSAConfig", "ops", *_LAZY]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "onnx":
+        return importlib.import_module("dsa_compile.onnx")
+    raise AttributeError(f"module 'dsa_compile' has no attribute {name!r}")

@@ -1,0 +1,134 @@
+"""Argument checks shared by the real and fake implementations of the DSA ops.
+
+Every check names the argument and says what to do. Only metadata is inspected here
+(no device sync), so the checks also run at trace time on fake tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"dsa.{op}: {msg}")
+
+
+def check_tensor(
+    op: str, name: str, t: torch.Tensor, rank: int, dtypes=FLOAT_DTYPES, inner_contiguous=True
+) -> None:
+    check(isinstance(t, torch.Tensor), op, f"{name} must be a tensor, got {type(t).__name__}")
+    check(
+        t.dim() == rank,
+        op,
+        f"{name} must have rank {rank}, got shape {tuple(t.shape)}",
+    )
+    check(
+        t.dtype in dtypes,
+        op,
+        f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]} "
+        f"(cast it with .to(...))",
+    )
+    if inner_contiguous and t.numel() > 0:
+        check(
+            t.stride(-1) == 1,
+            op,
+            f"{name} must be contiguous in its last dimension (stride {t.stride()}); "
+            f"call .contiguous() first",
+        )
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        check(
+            t.device == first.device,
+            op,
+            f"{name} is on {t.device} but {first_name} is on {first.device}; "
+            f"move them to one device",
+        )
+
+
+def check_indexer_args(op, q_idx, k_idx, w, top_k, q_offset, key_mask) -> None:
+    check_tensor(op, "q_idx", q_idx, 4)
+    check_tensor(op, "k_idx", k_idx, 3)
+    check_tensor(op, "w", w, 3)
+    check_same_device(op, q_idx=q_idx, k_idx=k_idx, w=w, key_mask=key_mask)
+    b, lq, h, d = q_idx.shape
+    check(
+        k_idx.shape[0] == b and k_idx.shape[2] == d,
+        op,
+        f"k_idx must be [B={b}, Lk, d_I={d}] to match q_idx {tuple(q_idx.shape)}, "
+        f"got {tuple(k_idx.shape)}",
+    )
+    check(
+        tuple(w.shape) == (b, lq, h),
+        op,
+        f"w must be [B, Lq, H_I] = {(b, lq, h)} to match q_idx, got {tuple(w.shape)}",
+    )
+    if top_k is not None:
+        check(isinstance(top_k, int) or isinstance(top_k, torch.SymInt), op,
+              f"top_k must be an int, got {type(top_k).__name__}")
+        check(top_k > 0, op, f"top_k must be > 0, got {top_k}")
+    check(q_offset >= 0, op, f"q_offset must be >= 0, got {q_offset}")
+    if key_mask is not None:
+        check_tensor(op, "key_mask", key_mask, 2, dtypes=(torch.bool,), inner_contiguous=False)
+        check(
+            tuple(key_mask.shape) == (b, k_idx.shape[1]),
+            op,
+            f"key_mask must be bool [B, Lk] = {(b, k_idx.shape[1])}, got {tuple(key_mask.shape)}",
+        )
+
+
+def check_attention_args(op, q, k, v, softcap) -> None:
+    check_tensor(op, "q", q, 4)
+    check_tensor(op, "k", k, 4)
+    check_tensor(op, "v", v, 4)
+    check_same_device(op, q=q, k=k, v=v)
+    check(
+        q.dtype == k.dtype == v.dtype,
+        op,
+        f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
+    )
+    b, hq, _, d = q.shape
+    check(k.shape[0] == b and v.shape[0] == b, op,
+          f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    hkv = k.shape[1]
+    check(v.shape[1] == hkv, op, f"k has {hkv} heads but v has {v.shape[1]}")
+    check(hkv > 0 and hq % hkv == 0, op,
+          f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    check(k.shape[3] == d, op, f"k head dim {k.shape[3]} != q head dim {d}")
+    check(v.shape[2] == k.shape[2], op,
+          f"k has {k.shape[2]} keys but v has {v.shape[2]}")
+    check(softcap >= 0, op, f"softcap must be >= 0, got {softcap}")
+
+
+def check_indices(op, indices, q, k) -> None:
+    check_tensor(op, "indices", indices, 4, dtypes=INDEX_DTYPES)
+    check_same_device(op, q=q, indices=indices)
+    b, hq, lq, _ = q.shape
+    hkv = k.shape[1]
+    g = indices.shape[1]
+    check(
+        indices.shape[0] == b and g in (1, hkv) and indices.shape[2] == lq,
+        op,
+        f"indices must be [B={b}, G, Lq={lq}, top_k] with G = 1 or Hkv = {hkv}, "
+        f"got {tuple(indices.shape)}",
+    )
+    check(indices.shape[3] > 0, op, "indices must have top_k > 0 slots")
+
+
+def check_indices_range(op, indices, lk) -> None:
+    """Data-dependent range check (syncs on GPU): -1 <= indices < Lk."""
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    check(
+        lo >= -1 and hi < lk,
+        op,
+        f"indices out of range: found values in [{lo}, {hi}], allowed -1 (unused) .. {lk - 1}",
+    )

@@ -1,0 +1,86 @@
+"""Token-sparse attention over selected keys: the pure PyTorch spec.
+
+For query t of head h (KV head g = h // (Hq // Hkv)), with S_t the valid entries of
+``indices[b, g or 0, t, :]`` (entries of -1 are ignored):
+
+    s_j  = scale * q[t] . k[j]          (then softcap * tanh(s_j / softcap) if softcap > 0)
+    out  = sum_{j in S_t} softmax(s)_j v[j],     lse = logsumexp_{j in S_t} s_j
+
+A query with no valid key gets out = 0 and lse = -inf. Chunked over queries: memory
+is O(chunk * top_k * D), never O(Lq * Lk).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of the gathered [B, Hkv, C, top_k, D] keys kept in memory at once.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: [B, Hkv, Lk, D], idx: [B, G, C, K] (clamped, >= 0) -> [B, Hkv, C, K, D]."""
+    b, hkv, lk, d = x.shape
+    g, c, k = idx.shape[1:]
+    idx = idx.expand(b, hkv, c, k) if g == 1 else idx
+    base = (torch.arange(b, device=x.device)[:, None] * hkv + torch.arange(hkv, device=x.device))
+    flat = (base[:, :, None, None] * lk + idx).reshape(-1)
+    return x.reshape(b * hkv * lk, d).index_select(0, flat).view(b, hkv, c, k, d)
+
+
+def _chunk_probs(q, k, indices, scale, softcap):
+    """Scores for one chunk. q: [B, Hkv, R, C, D] -> (scores [B,Hkv,R,C,K], valid, kg)."""
+    valid = indices >= 0  # [B, G, C, K]
+    kg = _gather_rows(k, indices.clamp_min(0).long())
+    s = torch.einsum("bgrcd,bgckd->bgrck", q, kg) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~valid[:, :, None], float("-inf"))
+    return s, valid
+
+
+def _query_chunk(b: int, hkv: int, k: int, d: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, b * hkv * k * d))
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float,
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over only its selected keys.
+
+    Args:
+        q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv]; Hq % Hkv == 0.
+        indices: int [B, G, Lq, top_k] with G in {1, Hkv}; -1 marks an unused slot.
+            Valid entries of a row must be distinct and in [0, Lk).
+        scale: multiplier of q . k.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+
+    Returns:
+        out [B, Hq, Lq, Dv] in q's dtype (zeros for a query with no valid key) and
+        lse [B, Hq, Lq] float32 (-inf for such a query). Differentiable in q, k, v.
+    """
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    r = hq // hkv
+    topk = indices.shape[-1]
+    qf = q.float().view(b, hkv, r, lq, d)
+    kf, vf = k.float(), v.float()
+    chunk = _query_chunk(b, hkv, topk, max(d, v.shape[-1]))
+    outs, lses = [], []
+    for s0 in range(0, lq, chunk):
+        idx = indices[:, :, s0 : s0 + chunk]
+        s, valid = _chunk_probs(qf[:, :, :, s0 : s0 + chunk], kf, idx, scale, softcap)
+        lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, R, C]
+        # Clamping -inf (no valid key) keeps exp(-inf - lse) at 0 instead of NaN.
+        p = torch.exp(s - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
+        vg = _gather_rows(vf, idx.clamp_min(0).long())
+        outs.append(torch.einsum("bgrck,bgcke->bgrce", p, vg))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(b, hq, lq, v.shape[-1])
+    lse = torch.cat(lses, dim=3).reshape(b, hq, lq)
+    return out.to(q.dtype), lse
