@@ -34,7 +34,7 @@ def dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap) -> Tens
     if softcap > 0:
         return reference.dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap)[0]
     lq, lk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    gqa = bool(q.shape[1] != k.shape[1])
     if key_mask is None and (not causal or q_offset == lk - lq == 0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
@@ -129,7 +129,7 @@ def _(q, k, v, q_idx, k_idx, w, top_k, scale, causal=True, q_offset=0, key_mask=
 
 def _setup(ctx, inputs, output):
     q, k, v, q_idx, k_idx, w, *rest = inputs
-    ctx.save_for_backward(q, k, v, q_idx, k_idx, w, rest[5])
+    ctx.save_for_backward(q, k, v, q_idx, k_idx, w, rest[4])
     ctx.rest = rest
 
 
