@@ -49,7 +49,8 @@ def test_opcheck_attention():
     q_idx, k_idx, w = indexer_inputs()
     for dense_below in (0, 10):
         torch.library.opcheck(
-            OPS.attention.default, (q, k, v, q_idx, k_idx, w, 6, 0.25, True, 4, None, 0.0, dense_below)
+            OPS.attention.default,
+            (q, k, v, q_idx, k_idx, w, 6, 0.25, True, 4, None, 0.0, dense_below),
         )
 
 

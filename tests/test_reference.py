@@ -1,4 +1,4 @@
-"""The reference ops against a naive dense formulation (dense scores, mask, top-k, masked softmax)."""
+"""Reference ops vs a naive dense formulation (dense scores, mask, top-k, masked softmax)."""
 
 import numpy as np
 import pytest

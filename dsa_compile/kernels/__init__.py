@@ -1,1 +1,13 @@
-"""Triton kernels for the DSA ops (CUDA; on CPU only under TRITON_INTERPRET=1)."""
+"""Triton kernels for the DSA ops (CUDA; on CPU only under TRITON_INTERPRET=1).
+
+- :func:`indexer_topk`: lightning-indexer scores (Triton) + chunked exact top-k.
+- :func:`sparse_attention`: token-sparse attention forward with log-sum-exp.
+
+Both follow exactly the contracts of ``torch.ops.dsa.indexer_topk`` and
+``torch.ops.dsa.sparse_attention``, whose CUDA kernels they are.
+"""
+
+from dsa_compile.kernels.indexer_topk import indexer_topk
+from dsa_compile.kernels.sparse_attention import sparse_attention
+
+__all__ = ["indexer_topk", "sparse_attention"]

@@ -36,7 +36,9 @@ def dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap) -> Tens
     lq, lk = q.shape[2], k.shape[2]
     gqa = bool(q.shape[1] != k.shape[1])
     if key_mask is None and (not causal or q_offset == lk - lq == 0):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
     mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
         mask = reference.indexer.visible_mask(lq, lk, q_offset, True, q.device)

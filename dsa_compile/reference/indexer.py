@@ -19,7 +19,7 @@ _CHUNK_ELEMENTS = 1 << 24
 def visible_mask(
     lq: int, lk: int, q_offset: int, causal: bool, device: torch.device, start: int = 0
 ) -> torch.Tensor | None:
-    """Causal visibility for queries ``start .. start + lq`` as a bool [lq, lk] (None if not causal)."""
+    """Causal visibility of queries ``start .. start + lq``: bool [lq, lk], None if not causal."""
     if not causal:
         return None
     pos = torch.arange(start, start + lq, device=device) + q_offset
