@@ -10,6 +10,7 @@ from torch import Tensor
 
 from dsa_compile import reference
 from dsa_compile.ops.checks import check_indexer_args
+from dsa_compile.ops.dispatch import use_triton
 
 
 @torch.library.custom_op("dsa::indexer_topk", mutates_args=())
@@ -56,9 +57,11 @@ def _(q_idx, k_idx, w, top_k, q_offset=0, causal=True, key_mask=None):
 
 @indexer_topk.register_kernel("cuda")
 def _(q_idx, k_idx, w, top_k, q_offset=0, causal=True, key_mask=None):
+    check_indexer_args("indexer_topk", q_idx, k_idx, w, top_k, q_offset, key_mask)
+    if not use_triton():
+        return reference.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
     from dsa_compile.kernels import indexer_topk as triton_indexer_topk
 
-    check_indexer_args("indexer_topk", q_idx, k_idx, w, top_k, q_offset, key_mask)
     return triton_indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
 
 

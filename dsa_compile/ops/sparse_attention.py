@@ -7,6 +7,7 @@ from torch import Tensor
 
 from dsa_compile import reference
 from dsa_compile.ops.checks import check_attention_args, check_indices, check_indices_range
+from dsa_compile.ops.dispatch import use_triton
 from dsa_compile.reference.sparse_attention import _query_chunk
 
 
@@ -54,10 +55,12 @@ def _(q, k, v, indices, scale, softcap=0.0):
 
 @sparse_attention.register_kernel("cuda")
 def _(q, k, v, indices, scale, softcap=0.0):
-    from dsa_compile.kernels import sparse_attention as triton_sparse_attention
-
     check_attention_args("sparse_attention", q, k, v, softcap)
     check_indices("sparse_attention", indices, q, k)
+    if not use_triton():
+        return reference.sparse_attention(q, k, v, indices, scale, softcap)
+    from dsa_compile.kernels import sparse_attention as triton_sparse_attention
+
     return triton_sparse_attention(q, k, v, indices, scale, softcap)
 
 
