@@ -71,16 +71,20 @@ def sparse_attention(
     qf = q.float().view(b, hkv, r, lq, d)
     kf, vf = k.float(), v.float()
     chunk = _query_chunk(b, hkv, topk, max(d, v.shape[-1]))
-    outs, lses = [], []
+    # Outputs are allocated once and filled per chunk: small long-lived allocations between
+    # the per-chunk buffers would fragment the heap and grow RSS chunk after chunk.
+    out = q.new_empty((b, hkv, r, lq, v.shape[-1]), dtype=torch.float32)
+    lse = q.new_empty((b, hkv, r, lq), dtype=torch.float32)
     for s0 in range(0, lq, chunk):
         idx = indices[:, :, s0 : s0 + chunk]
         s, valid = _chunk_probs(qf[:, :, :, s0 : s0 + chunk], kf, idx, scale, softcap)
-        lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, R, C]
+        lse_c = torch.logsumexp(s, dim=-1)  # [B, Hkv, R, C]
         # Clamping -inf (no valid key) keeps exp(-inf - lse) at 0 instead of NaN.
-        p = torch.exp(s - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
+        p = torch.exp(s - lse_c.clamp_min(torch.finfo(torch.float32).min)[..., None])
+        del s
         vg = _gather_rows(vf, idx.clamp_min(0).long())
-        outs.append(torch.einsum("bgrck,bgcke->bgrce", p, vg))
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(b, hq, lq, v.shape[-1])
-    lse = torch.cat(lses, dim=3).reshape(b, hq, lq)
+        out[:, :, :, s0 : s0 + chunk] = torch.einsum("bgrck,bgcke->bgrce", p, vg)
+        lse[:, :, :, s0 : s0 + chunk] = lse_c
+    out = out.reshape(b, hq, lq, v.shape[-1])
+    lse = lse.reshape(b, hq, lq)
     return out.to(q.dtype), lse
