@@ -1,0 +1,215 @@
+"""Lightning indexer scores in Triton, streamed through a chunked top-k selection.
+
+    I[t, s] = sum_j w[t, j] * ReLU(q_I[t, j] . k_I[s])
+
+The score kernel computes [BLOCK_M queries, BLOCK_N keys] tiles: one key tile is
+loaded once and multiplied by each indexer head's query tile on the tensor cores,
+ReLU and the head weight are applied in registers, and the sum is written as float32
+with -inf where the key is hidden (causal, padding). Tiles wholly above the causal
+diagonal skip the arithmetic.
+
+Selection streams chunks of query rows so that memory stays bounded (never L x L at
+long length): scores for a chunk, only as wide as its last query can see, then
+``torch.topk``. The contract's tie rule (smaller key index wins) is enforced exactly:
+rows whose k-th value is tied with an unselected key are redone with a stable sort.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Float32 scores kept per chunk of query rows (bytes); bounds the selection's memory.
+CHUNK_BYTES = 1 << 30
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation; tests replace it to poison outputs before the kernel writes."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
+        # The config autotune picked on an H200 (benchmarks/RESULTS.md); no tuning cost.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST works around the CPU interpreter's wrong bf16 tl.dot (triton 3.9).
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.autotune(configs=_configs(), key=["H", "D", "CAUSAL", "HAS_MASK"])
+@triton.jit
+def indexer_scores_kernel(
+    QI, KI, W, KM, OUT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks,
+    stride_wb, stride_wt, stride_wh,
+    stride_mb, stride_ms,
+    stride_ob, stride_ot, stride_os,
+    rows, width, row0, q_offset,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of this chunk
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # keys
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < rows
+    n_ok = offs_n < width
+    t = (row0 + offs_m).to(tl.int64)  # absolute row in q_idx
+    pos = t + q_offset  # query position: sees keys s <= pos when causal
+
+    visible = m_ok[:, None] & n_ok[None, :]
+    if CAUSAL:
+        visible &= offs_n[None, :] <= pos[:, None]
+    if HAS_MASK:
+        km = tl.load(KM + b * stride_mb + offs_n * stride_ms, mask=n_ok, other=0)
+        visible &= (km != 0)[None, :]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    live = True
+    if CAUSAL:
+        # Tiles wholly above the diagonal are all -inf: skip the products.
+        live = pid_n * BLOCK_N <= row0 + pid_m * BLOCK_M + BLOCK_M - 1 + q_offset
+    if live:
+        kt = tl.load(
+            KI + b * stride_kb + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+            mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0,
+        )  # [BD, BN]
+        q_base = QI + b * stride_qb + t[:, None] * stride_qt + offs_d[None, :]
+        w_base = W + b * stride_wb + t * stride_wt
+        for h in range(H):
+            q = tl.load(q_base + h * stride_qh, mask=m_ok[:, None] & (offs_d[None, :] < D),
+                        other=0.0)  # [BM, BD]
+            wh = tl.load(w_base + h * stride_wh, mask=m_ok, other=0.0).to(tl.float32)  # [BM]
+            s = _dot(q, kt, IEEE, UPCAST)
+            acc += tl.maximum(s, 0.0) * wh[:, None]
+    # + 0.0 turns a -0.0 sum into +0.0, so equal scores compare equal bit for bit.
+    scores = tl.where(visible, acc + 0.0, float("-inf"))
+    o_ptrs = OUT + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_ot
+    o_ptrs += offs_n[None, :] * stride_os
+    tl.store(o_ptrs, scores, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal, key_mask):
+    """Float32 scores [B, rows, width] of queries row0 .. row0 + rows over keys 0 .. width.
+
+    -inf where the key is hidden (causal at q_offset, key_mask False).
+    """
+    b, _, h, d = q_idx.shape
+    out = _empty((b, rows, width), torch.float32, q_idx.device)
+    km = key_mask if key_mask is not None else out  # any tensor: unused without HAS_MASK
+    if key_mask is not None:
+        km = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+
+    def grid(meta):
+        return (triton.cdiv(width, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]), b)
+
+    indexer_scores_kernel[grid](
+        q_idx, k_idx, w, km, out,
+        q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
+        k_idx.stride(0), k_idx.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        km.stride(0) if key_mask is not None else 0, km.stride(1) if key_mask is not None else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        rows, width, row0, q_offset,
+        H=h, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        CAUSAL=causal, HAS_MASK=key_mask is not None, IEEE=q_idx.dtype == torch.float32,
+        UPCAST=_INTERPRET and q_idx.dtype == torch.bfloat16,
+    )
+    return out
+
+
+def select_topk_exact(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Top-k of each row of ``scores`` [B, C, W] float32 -> int32 [B, C, top_k].
+
+    Same contract as the reference's select_topk (ascending keys, trailing -1, ties to
+    the smaller index), through torch.topk plus an exact repair of tied rows.
+    """
+    width = scores.shape[-1]
+    k = min(top_k, width)
+    vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
+    kth = vals.min(dim=-1, keepdim=True).values
+    # torch.topk breaks ties arbitrarily. A row is exact unless its k-th value is finite
+    # and more keys than k reach it; redo only those rows with a stable sort.
+    tied = (kth.squeeze(-1) > float("-inf")) & ((scores >= kth).sum(-1) > k)
+    if bool(tied.any()):
+        rows = scores[tied]
+        idx[tied] = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :k]
+        vals[tied] = torch.gather(rows, -1, idx[tied])
+    # Unused slots sort last as `width`; int32 sorts faster than int64.
+    idx = torch.where(vals > float("-inf"), idx, width).to(torch.int32)
+    idx = torch.sort(idx, dim=-1).values
+    idx = idx.masked_fill_(idx == width, -1)
+    if k < top_k:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_k - k), -1)], dim=-1)
+    return idx
+
+
+def indexer_topk(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    w: torch.Tensor,
+    top_k: int,
+    q_offset: int = 0,
+    causal: bool = True,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each query's top_k keys by lightning-indexer score (Triton scores + chunked top-k).
+
+    Args:
+        q_idx: [B, Lq, H_I, d_I]; k_idx: [B, Lk, d_I]; w: [B, Lq, H_I]; float32/bf16/fp16,
+            any strides with the last dimension contiguous.
+        top_k: slots per query (> 0). q_offset: absolute position of query 0.
+        causal: query t sees keys s <= q_offset + t. key_mask: optional bool [B, Lk].
+
+    Returns:
+        int32 [B, Lq, top_k]: selected keys ascending, -1 in unused slots, ties to the
+        smaller key index. Memory: one chunk of float32 scores, at most CHUNK_BYTES.
+    """
+    b, lq = q_idx.shape[:2]
+    lk = k_idx.shape[1]
+    out = _empty((b, lq, top_k), torch.int32, q_idx.device)
+    if out.numel() == 0:
+        return out
+    if lk == 0:
+        return out.fill_(-1)
+    for name, t in (("q_idx", q_idx), ("k_idx", k_idx), ("w", w)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"indexer_topk: {name} must be contiguous in its last dimension")
+    chunk = max(128, CHUNK_BYTES // (4 * b * lk))
+    for row0 in range(0, lq, chunk):
+        rows = min(chunk, lq - row0)
+        width = min(lk, q_offset + row0 + rows) if causal else lk
+        if width == 0:
+            out[:, row0 : row0 + rows] = -1
+            continue
+        scores = indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal,
+                                      key_mask)
+        out[:, row0 : row0 + rows] = select_topk_exact(scores, top_k)
+    return out

@@ -1,0 +1,194 @@
+"""Triton kernels vs the reference (CPU interpreter in CI; the same cases on a GPU).
+
+Outputs are poisoned (NaN, or -7 for indices) before the kernels write them, so an
+unwritten element fails. Shapes are tiny on CPU (the interpreter is slow); the
+``gpu``-marked cases add real lengths such as 1025.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from dsa_compile import kernels, reference
+
+# The package re-exports functions under the modules' names: fetch the modules themselves.
+indexer_module = importlib.import_module("dsa_compile.kernels.indexer_topk")
+sparse_module = importlib.import_module("dsa_compile.kernels.sparse_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(sparse_module, "_empty", poisoned)
+    monkeypatch.setattr(indexer_module, "_empty", poisoned)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def random_indices(b, g, lq, lk, top_k, *, missing=0.25, sort=True):
+    """[B, G, Lq, top_k] int32: distinct keys per row, some slots -1, a few rows all -1."""
+    rows = []
+    for _ in range(b * g * lq):
+        n = min(top_k, lk)
+        row = torch.randperm(lk)[:n]
+        row = torch.where(torch.rand(n) < missing, -1, row)
+        if sort:
+            row = torch.sort(torch.where(row < 0, lk, row)).values
+            row = torch.where(row == lk, -1, row)
+        rows.append(torch.cat([row, row.new_full((top_k - n,), -1)]))
+    idx = torch.stack(rows).view(b, g, lq, top_k).to(torch.int32)
+    idx[0, :, 0] = -1  # a query with no valid key
+    return idx
+
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, top_k, G, dtype, softcap)
+SPARSE_CASES = {
+    "decode-mqa-d64": (1, 4, 1, 1, 63, 64, 64, 16, 1, torch.float32, 0.0),
+    "gqa4-d64-fp32": (2, 8, 2, 7, 63, 64, 64, 40, 1, torch.float32, 0.0),
+    "mha-per-head-idx": (1, 4, 4, 5, 111, 64, 64, 24, 4, torch.float32, 0.0),
+    "gqa8-d128-bf16": (1, 8, 1, 6, 111, 128, 128, 48, 1, torch.bfloat16, 0.0),
+    "gqa4-softcap-bf16": (2, 8, 2, 5, 63, 64, 64, 32, 2, torch.bfloat16, 5.0),
+    "topk-gt-keys-fp16": (1, 4, 1, 3, 20, 64, 32, 33, 1, torch.float16, 0.0),
+    "one-head-d128-fp32": (1, 1, 1, 4, 111, 128, 128, 40, 1, torch.float32, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(SPARSE_CASES), ids=list(SPARSE_CASES))
+def test_sparse_attention_matches_reference(case):
+    b, hq, hkv, lq, lk, d, dv, top_k, g, dtype, softcap = SPARSE_CASES[case]
+    q = torch.randn(b, hq, lq, d, device=DEVICE).to(dtype)
+    k = torch.randn(b, hkv, lk, d, device=DEVICE).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, device=DEVICE).to(dtype)
+    idx = random_indices(b, g, lq, lk, top_k, sort=case != "mha-per-head-idx").to(DEVICE)
+    scale = d ** -0.5 * 2
+    out, lse = kernels.sparse_attention(q, k, v, idx, scale, softcap)
+    ref_out, ref_lse = reference.sparse_attention(q, k, v, idx, scale, softcap)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_err(out, ref_out) < TOL[dtype]
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    assert (out[empty] == 0).all()
+    torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=TOL[dtype] * 4, rtol=0)
+
+
+def test_sparse_attention_strided_inputs_and_int64_indices():
+    b, hq, hkv, lq, lk, d = 1, 4, 2, 5, 63, 64
+    q = torch.randn(b, lq, hq, d, device=DEVICE).transpose(1, 2)  # [B, Hq, Lq, D], strided
+    kv = torch.randn(b, lk, 2, hkv, d, device=DEVICE)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    idx = random_indices(b, 1, lq, lk, 16).long().to(DEVICE)
+    out, lse = kernels.sparse_attention(q, k, v, idx, 0.125)
+    ref_out, ref_lse = reference.sparse_attention(q, k, v, idx, 0.125)
+    assert rel_err(out, ref_out) < TOL[torch.float32]
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+def make_indexer_inputs(b, lq, lk, h, d, dtype):
+    q_idx = torch.randn(b, lq, h, d, device=DEVICE).to(dtype)
+    k_idx = torch.randn(b, lk, d, device=DEVICE).to(dtype)
+    w = (torch.rand(b, lq, h, device=DEVICE) + 0.1).to(dtype)
+    return q_idx, k_idx, w
+
+
+# (B, Lq, Lk, H_I, d_I, top_k, q_offset, causal, with key_mask)
+INDEXER_CASES = {
+    "decode": (1, 1, 63, 4, 64, 16, 62, True, False),
+    "chunk-prefill-offset": (1, 20, 63, 1, 64, 8, 43, True, False),
+    "square-topk-gt-visible": (1, 63, 63, 4, 32, 40, 0, True, False),
+    "batch-key-mask": (2, 17, 45, 4, 64, 12, 28, True, True),
+    "non-causal-d128": (1, 9, 111, 2, 128, 32, 0, False, False),
+}
+
+
+def _key_mask(b, lk):
+    mask = torch.rand(b, lk, device=DEVICE) > 0.3
+    mask[-1] = False  # a batch row with no key at all: every query gets only -1
+    return mask
+
+
+@pytest.mark.parametrize("case", list(INDEXER_CASES), ids=list(INDEXER_CASES))
+def test_indexer_topk_exact_fp32(case):
+    b, lq, lk, h, d, top_k, q_offset, causal, masked = INDEXER_CASES[case]
+    q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, h, d, torch.float32)
+    key_mask = _key_mask(b, lk) if masked else None
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    assert got.dtype == torch.int32 and got.shape == (b, lq, top_k)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize(("case", "dtype"), [("chunk-prefill-offset", torch.bfloat16),
+                                             ("batch-key-mask", torch.bfloat16),
+                                             ("decode", torch.float16)])
+def test_indexer_topk_low_precision_selects_top_scores(case, dtype):
+    b, lq, lk, h, d, top_k, q_offset, causal, masked = INDEXER_CASES[case]
+    q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, h, d, dtype)
+    key_mask = _key_mask(b, lk) if masked else None
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    scores = reference.indexer_scores(q_idx, k_idx, w, q_offset, causal, key_mask)
+    # Same number of valid slots, -1 only at the end, and rounding-level score gaps only.
+    assert torch.equal(got >= 0, ref >= 0)
+    pick = got.clamp_min(0).long()
+    got_s = torch.where(got >= 0, torch.gather(scores, -1, pick), 0).sort(-1).values
+    ref_s = torch.where(ref >= 0, torch.gather(scores, -1, ref.clamp_min(0).long()), 0)
+    ref_s = ref_s.sort(-1).values
+    assert torch.isfinite(got_s).all()
+    atol = 2e-2 * float(scores[scores.isfinite()].abs().max())
+    torch.testing.assert_close(got_s, ref_s, atol=atol, rtol=0)
+
+
+def test_indexer_topk_ties_go_to_smaller_index():
+    # Integer-valued inputs make many scores exactly equal (and several exactly 0).
+    b, lq, lk, h, d, top_k = 1, 6, 40, 2, 16, 10
+    q_idx = torch.randint(-1, 2, (b, lq, h, d), device=DEVICE).float()
+    k_idx = torch.randint(-1, 2, (b, lk // 4, d), device=DEVICE).float().repeat(1, 4, 1)
+    w = torch.ones(b, lq, h, device=DEVICE)
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, 30, True, None)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, 30, True, None)
+    assert torch.equal(got, ref)
+
+
+def test_indexer_topk_chunks_and_strided_inputs(monkeypatch):
+    # A tiny chunk budget forces several query chunks of different widths.
+    monkeypatch.setattr(indexer_module, "CHUNK_BYTES", 4 * 40)
+    b, lq, lk, h, d, top_k = 1, 150, 150, 2, 32, 24
+    q_idx = torch.randn(b, h, lq, d, device=DEVICE).transpose(1, 2)  # strided view
+    k_idx = torch.randn(b, lk, d, device=DEVICE)
+    w = torch.rand(b, lq, h + 3, device=DEVICE)[..., :h]  # padded rows
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, 0, True, None)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, 0, True, None)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_odd_length_1025(dtype):
+    b, hq, hkv, length, d, top_k = 2, 8, 2, 1025, 128, 256
+    q_idx, k_idx, w = make_indexer_inputs(b, length, length, 4, 64, dtype)
+    key_mask = torch.rand(b, length, device=DEVICE) > 0.1
+    sel = kernels.indexer_topk(q_idx, k_idx, w, top_k, 0, True, key_mask)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, 0, True, key_mask)
+    assert torch.equal(sel >= 0, ref >= 0)
+    if dtype == torch.float32:
+        assert (sel != ref).float().mean() < 1e-3  # only rounding-level near-ties may swap
+    q = torch.randn(b, hq, length, d, device=DEVICE).to(dtype)
+    k = torch.randn(b, hkv, length, d, device=DEVICE).to(dtype)
+    v = torch.randn(b, hkv, length, d, device=DEVICE).to(dtype)
+    out, lse = kernels.sparse_attention(q, k, v, sel.unsqueeze(1), d ** -0.5, 0.0)
+    ref_out, ref_lse = reference.sparse_attention(q, k, v, sel.unsqueeze(1), d ** -0.5, 0.0)
+    assert not out.isnan().any()
+    assert rel_err(out, ref_out) < TOL[dtype]
