@@ -117,8 +117,9 @@ def attention(
         [B, Hq, Lq, Dv] in q's dtype. Differentiable in q, k, v (selection is discrete).
     """
     _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_below)
+    # Contiguous, as the fake impl promises (Inductor asserts the strides it was told).
     return _attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask,
-                      softcap, dense_below)
+                      softcap, dense_below).contiguous()
 
 
 @attention.register_fake

@@ -1,0 +1,62 @@
+"""FX passes that turn dense attention into DSA: normalise -> detect -> rewrite.
+
+:func:`run_passes` is the one entry point used by the torch.compile backend and by
+:func:`dsa_compile.apply`; it never raises for a model it cannot handle: a failure
+leaves the graph dense and is reported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from dsa_compile.config import DSAConfig
+from dsa_compile.passes.detect import find_sites, normalize_path
+from dsa_compile.passes.dsa_reference import find_reference_sites, rewrite_reference_site
+from dsa_compile.passes.rewrite import COUNTERS, SiteRecord, record, rewrite_site, selected
+
+__all__ = ["COUNTERS", "SiteRecord", "normalize_path", "run_passes"]
+
+
+def run_passes(gm: fx.GraphModule, config: DSAConfig, params: dict[str, torch.Tensor],
+               lookup=lambda node: None, rewrite: bool = True) -> list[SiteRecord]:
+    """Rewrite every provably-safe attention site of ``gm`` in place.
+
+    Args:
+        gm: a torch-IR graph (dynamo or torch.export) with fake values in node.meta.
+        config: the rewrite's settings.
+        params: {FQN relative to the user's root model: real parameter tensor}, used to
+            anchor each site's indexer in the registry.
+        lookup: node -> real tensor for placeholders/get_attr (tril-buffer masks).
+        rewrite: False only detects (for explain).
+
+    Returns one :class:`SiteRecord` per attention site found.
+    """
+    records = []
+    ref_sites = find_reference_sites(gm.graph)
+    taken = {n for s in ref_sites for n in s.nodes}
+    sites = ref_sites + [s for s in find_sites(gm.graph, lookup) if s.output not in taken
+                         and not (s.nodes & taken)]
+    for i, site in enumerate(sites):
+        if not site.reason:
+            site.reason = selected(site.name, config)
+        if not site.reason and config.min_keys:
+            lk = site.extra.get("lk")
+            if isinstance(lk, int) and lk < config.min_keys:
+                site.reason = f"{lk} keys < config.min_keys"
+        if not site.reason and rewrite:
+            if site.kind == "dsa_reference":
+                rewrite_reference_site(gm, site)
+            else:
+                rewrite_site(gm, site, i, config, params)
+            COUNTERS[site.kind] += 1
+        elif site.reason:
+            COUNTERS["rejected"] += 1
+        else:
+            site.rewritten = True   # explain: would be rewritten
+        records.append(record(site))
+    if rewrite:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return records

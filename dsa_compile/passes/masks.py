@@ -1,0 +1,353 @@
+"""Proving what a mask is: causal (with an offset), key padding, or neither.
+
+A boolean keep-mask is split into AND-factors (De Morgan through ``|`` under a
+negation, as ``masked_fill`` drop-masks need). Each factor is then proven to be one of:
+
+- key padding, *by shape*: broadcast along the query and head axes, so it is a
+  function of (batch, key) only; the DSA op takes it as ``key_mask [B, Lk]``;
+- positional, *by abstract interpretation*: built from ``arange`` and comparisons
+  (or a lower-triangular buffer), it evaluates to the half-plane ``k <= q + o``,
+  i.e. causal with query offset ``o``; a constant-True factor is dropped.
+
+Anything else (a bias, a sliding window, a data-dependent pattern) raises
+:class:`Reject`. This is a proof for every input and every length, not a check on the
+example, which is why it is done symbolically rather than by evaluating the mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch.fx import Node
+
+from dsa_compile.passes.normalize import (
+    arg,
+    is_number,
+    is_zero_tensor,
+    op_of,
+    val,
+    very_negative,
+)
+from dsa_compile.passes.site import KeyFactor, Reject
+
+_SAME_VALUE = ("cast", "identity", "expand")
+
+
+@dataclasses.dataclass
+class MaskInfo:
+    causal: bool = False
+    offset: int = 0
+    key_factors: list[KeyFactor] = dataclasses.field(default_factory=list)
+    topk: Node | None = None      # DSA reference style: -inf everywhere but topk(...) keys
+
+    def merge(self, other: MaskInfo) -> MaskInfo:
+        if self.causal and other.causal and self.offset != other.offset:
+            raise Reject("two causal masks with different offsets")
+        if self.topk is not None and other.topk is not None:
+            raise Reject("two top-k selection masks")
+        return MaskInfo(self.causal or other.causal,
+                        self.offset if self.causal else other.offset,
+                        self.key_factors + other.key_factors, self.topk or other.topk)
+
+
+@dataclasses.dataclass
+class _Lin:
+    """Integer tensor value = sum(coef[axis] * index[axis]) + const (axes from the end)."""
+
+    coef: dict
+    const: int
+
+
+@dataclasses.dataclass
+class _Half:
+    """Bool value ``k <= q + o`` (negated: ``k > q + o``)."""
+
+    o: int
+    negated: bool = False
+
+
+_TRUE = "true"
+_FALSE = "false"
+
+
+def _gather(x, index: list):
+    """x[i0, i1, ...] with index tensors: a position value composed with the indices."""
+    if not isinstance(x, _Lin) or not all(isinstance(i, _Lin) for i in index):
+        raise Reject("advanced indexing of a non-position value")
+    coef, const = {}, x.const
+    for ax, c in x.coef.items():
+        idx = index[len(index) + ax]
+        for bx, d in idx.coef.items():
+            coef[bx] = coef.get(bx, 0) + c * d
+        const += c * idx.const
+    return _Lin({k: c for k, c in coef.items() if c}, const)
+
+
+def _diff(node: Node, lookup):
+    """diff(x, dim=-1, prepend=x[..., :1] - a) of positions with step a: constant a."""
+    x = _pos_eval(node.args[0], lookup)
+    dim = arg(node, 2, "dim", -1)
+    pre = node.kwargs.get("prepend")
+    if not isinstance(x, _Lin) or dim != -1 or set(x.coef) - {-1} or pre is None:
+        raise Reject("diff of a non-arange value")
+    step = x.coef.get(-1, 0)
+    p = _pos_eval(pre, lookup)
+    if not isinstance(p, _Lin) or set(p.coef) - {-1} or p.const != x.const - step:
+        raise Reject("diff with an unknown prepend")
+    return _Lin({}, step)
+
+
+def _bool_factors(node, negate: bool, out: list) -> None:
+    op = op_of(node) if isinstance(node, Node) else None
+    if op in _SAME_VALUE and isinstance(node.args[0], Node):
+        if op == "cast" and val(node) is not None and val(node).dtype != torch.bool:
+            out.append((node, negate))
+            return
+        return _bool_factors(node.args[0], negate, out)
+    if op == "not":
+        return _bool_factors(node.args[0], not negate, out)
+    if (op == "and" and not negate) or (op == "or" and negate):
+        _bool_factors(node.args[0], negate, out)
+        _bool_factors(node.args[1], negate, out)
+        return
+    out.append((node, negate))
+
+
+def classify_bool(node: Node, negate: bool, lookup: Callable) -> MaskInfo:
+    """MaskInfo of a bool mask node (True = keep, or True = masked when ``negate``)."""
+    factors: list = []
+    _bool_factors(node, negate, factors)
+    info = MaskInfo()
+    for f, neg in factors:
+        info = info.merge(_classify_factor(f, neg, lookup))
+    return info
+
+
+def _classify_factor(node, negate: bool, lookup: Callable) -> MaskInfo:
+    if not isinstance(node, Node):
+        if isinstance(node, bool) and node != negate:
+            return MaskInfo()
+        raise Reject(f"constant mask factor {node!r}")
+    v = val(node)
+    if v is not None and v.dim() <= 4 and (v.dim() < 2 or v.shape[-2] == 1) and (
+            v.dim() < 3 or v.shape[-3] == 1):
+        return MaskInfo(key_factors=[KeyFactor(node, negate)])
+    try:
+        value = _pos_eval(node, lookup)
+    except Reject as e:
+        raise Reject(f"mask factor '{node.name}' is neither causal nor key padding ({e})") from e
+    if value == _TRUE and not negate:
+        return MaskInfo()
+    if isinstance(value, _Half) and value.negated == negate:
+        return MaskInfo(causal=True, offset=value.o)
+    raise Reject(f"mask factor '{node.name}' is not a causal (lower-triangular) mask")
+
+
+def _int_const(x):
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    raise Reject(f"non-constant position offset {x!r}")
+
+
+def _pos_eval(node, lookup: Callable):
+    """Abstract value of a positional mask expression (see module doc)."""
+    if not isinstance(node, Node):
+        if is_number(node):
+            return _Lin({}, _int_const(node))
+        if isinstance(node, bool):
+            return _TRUE if node else _FALSE
+        raise Reject(f"unsupported constant {node!r}")
+    op = op_of(node)
+    a = node.args
+    if op == "arange":
+        start = 0 if len(a) < 2 else a[0]
+        return _Lin({-1: 1}, _int_const(start))
+    if op in _SAME_VALUE:
+        return _pos_eval(a[0], lookup)
+    if op == "ones" or (op == "full" and arg(node, 1, "fill_value") is True):
+        return _TRUE
+    if op in ("add", "sub"):
+        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
+        if not (isinstance(x, _Lin) and isinstance(y, _Lin)):
+            raise Reject(f"{op} of non-integer positions")
+        sign = 1 if op == "add" else -1
+        coef = dict(x.coef)
+        for ax, c in y.coef.items():
+            coef[ax] = coef.get(ax, 0) + sign * c
+        return _Lin({k: c for k, c in coef.items() if c}, x.const + sign * y.const)
+    if op == "getitem" and isinstance(a[1], tuple) and a[1] and all(
+            isinstance(i, Node) for i in a[1]):
+        return _gather(_pos_eval(a[0], lookup), [_pos_eval(i, lookup) for i in a[1]])
+    if op == "diff":
+        return _diff(node, lookup)
+    if op == "cumsum":
+        x = _pos_eval(a[0], lookup)
+        if x == _FALSE or (isinstance(x, _Lin) and not x.coef and x.const == 0):
+            return _Lin({}, 0)
+        raise Reject("cumsum of a non-zero value")
+    if op in ("getitem", "unsqueeze"):
+        x = _pos_eval(a[0], lookup)
+        src, dst = val(a[0]), val(node)
+        if src is None or dst is None:
+            raise Reject("no shape on positional index")
+        if isinstance(x, (_Half, str)):
+            return _slice_from_origin(node, x)
+        return _Lin(_move_axes(node, x.coef, src.dim(), dst.dim()), x.const)
+    if op in ("le", "lt", "ge", "gt"):
+        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
+        if op in ("ge", "gt"):
+            x, y = y, x
+        if not (isinstance(x, _Lin) and isinstance(y, _Lin)):
+            raise Reject("comparison of non-positions")
+        coef = dict(x.coef)
+        for ax, c in y.coef.items():
+            coef[ax] = coef.get(ax, 0) - c
+        coef = {k: c for k, c in coef.items() if c}
+        const = x.const - y.const + (1 if op in ("lt", "gt") else 0)
+        if len(coef) == 1 and next(iter(coef.values())) == -1 and const <= 0:
+            return _TRUE                 # -i + const <= 0 holds for every index i >= 0
+        if coef == {-1: 1, -2: -1}:      # k - q + const <= 0  <=>  k <= q - const
+            return _Half(-const)
+        if coef == {-1: -1, -2: 1}:      # q - k + const <= 0  <=>  k >= q + const
+            return _Half(const - 1, negated=True)
+        raise Reject("comparison is not between query and key positions")
+    if op == "and":
+        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
+        if x == _TRUE:
+            return y
+        if y == _TRUE:
+            return x
+        raise Reject("two positional constraints (sliding window?)")
+    if op == "not":
+        x = _pos_eval(a[0], lookup)
+        if isinstance(x, _Half):
+            return _Half(x.o, not x.negated)
+        raise Reject("negated non-causal value")
+    if op in ("eq", "ne") and is_number(a[1]) or op in ("eq", "ne") and isinstance(a[1], Node):
+        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
+        if isinstance(x, _Lin) and isinstance(y, _Lin) and x.coef == y.coef:
+            return _TRUE if (x.const == y.const) == (op == "eq") else _FALSE
+    if op in ("eq", "ne"):
+        x = _pos_eval(a[0], lookup)
+        if isinstance(x, _Half) and a[1] == 0:
+            return _Half(x.o, x.negated != (op == "eq"))
+        raise Reject(f"{op} on non-triangular value")
+    if op == "tril":
+        return _Half(_int_const(arg(node, 1, "diagonal", 0)))
+    if node.op in ("placeholder", "get_attr"):
+        return _tril_buffer(node, lookup)
+    raise Reject(f"unsupported op {op or node.target} in positional mask")
+
+
+def _tril_buffer(node: Node, lookup: Callable):
+    t = lookup(node)
+    if t is None or t.dim() < 2 or t.shape[-1] != t.shape[-2]:
+        raise Reject(f"'{node.name}' is an input tensor of unknown content")
+    n = t.shape[-1]
+    tril = torch.ones(n, n, dtype=torch.bool, device=t.device).tril()
+    nz = (t != 0).reshape(-1, n, n)
+    if not bool((nz == tril).all()):
+        raise Reject(f"buffer '{node.name}' is not lower-triangular")
+    return _Half(0)
+
+
+def _slice_from_origin(node: Node, x):
+    """Slicing a mask from index 0 along the query/key axes keeps its offset."""
+    if op_of(node) != "getitem":
+        return x
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    for s in idx:
+        if s is Ellipsis or s is None:
+            continue
+        if not isinstance(s, slice) or s.start not in (None, 0) or s.step not in (None, 1):
+            raise Reject("mask sliced away from its origin")
+    if any(s is None for s in idx):
+        raise Reject("new axes inserted into a 2-D positional mask")
+    return x
+
+
+def _move_axes(node: Node, coef: dict, src_dim: int, dst_dim: int) -> dict:
+    """Where each source axis (counted from the end) lands after getitem/unsqueeze."""
+    if op_of(node) == "unsqueeze":
+        d = arg(node, 1, "dim")
+        d = d if d < 0 else d - (src_dim + 1)
+        return {(ax if ax > d else ax - 1) if ax <= -1 else ax: c for ax, c in coef.items()}
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if any(not (s is None or s is Ellipsis or (isinstance(s, slice) and s.start in (None, 0)
+                                                and s.step in (None, 1))) for s in idx):
+        raise Reject("positional index sliced")
+    n_real = sum(1 for s in idx if s is not None and s is not Ellipsis)
+    expanded: list = []
+    for s in idx:
+        if s is Ellipsis:
+            expanded += [slice(None)] * (src_dim - n_real)
+        else:
+            expanded.append(s)
+    expanded += [slice(None)] * (src_dim - sum(1 for s in expanded if s is not None))
+    mapping, src_axis = {}, 0
+    for pos, s in enumerate(expanded):
+        if s is not None:
+            mapping[src_axis - src_dim] = pos - len(expanded)
+            src_axis += 1
+    return {mapping[ax]: c for ax, c in coef.items()}
+
+
+def classify_additive(node, lookup: Callable) -> MaskInfo:
+    """MaskInfo of an additive mask term (0 = keep, -inf / very negative = masked)."""
+    if not isinstance(node, Node):
+        if is_number(node) and node == 0:
+            return MaskInfo()
+        raise Reject(f"additive constant {node!r} on the scores")
+    op = op_of(node)
+    a = node.args
+    if op in _SAME_VALUE:
+        return classify_additive(a[0], lookup)
+    if op == "getitem" and val(a[0]) is not None and val(node) is not None and \
+            tuple(val(a[0]).shape) == tuple(val(node).shape):
+        return classify_additive(a[0], lookup)
+    if op == "add":
+        return classify_additive(a[0], lookup).merge(classify_additive(a[1], lookup))
+    if op == "where":
+        cond, x, y = a[0], arg(node, 1, "input"), arg(node, 2, "other")
+        if is_zero_tensor(x) and very_negative(y):
+            return classify_bool(cond, False, lookup)
+        if very_negative(x) and is_zero_tensor(y):
+            return classify_bool(cond, True, lookup)
+    if op == "masked_fill" and is_zero_tensor(a[0]) and very_negative(arg(node, 2, "value")):
+        return classify_bool(a[1], True, lookup)
+    if op == "mul":
+        x, y = a[0], a[1]
+        if very_negative(x):
+            x, y = y, x
+        if very_negative(y) and isinstance(x, Node) and op_of(x) == "sub" and x.args[0] == 1:
+            # (1 - m) * finfo.min: the HF padding form, m a 0/1 keep mask.
+            return classify_bool(x.args[1], False, lookup)
+    if op == "zeros":
+        return MaskInfo()
+    topk = _topk_scatter(node)
+    if topk is not None:
+        return MaskInfo(topk=topk)
+    raise Reject(f"additive term '{node.name}' ({op or node.target}) is not provably a mask "
+                 "(a bias such as ALiBi stays dense)")
+
+
+def _topk_scatter(node: Node) -> Node | None:
+    """full(-inf).scatter(-1, topk(I, k, dim=-1).indices, 0) (maybe [:, None]) -> the topk."""
+    if op_of(node) in ("getitem", "unsqueeze") and isinstance(node.args[0], Node):
+        node = node.args[0]
+    if op_of(node) != "scatter" or arg(node, 1, "dim") not in (-1, 2):
+        return None
+    base, index, value = node.args[0], arg(node, 2, "index"), arg(node, 3, "value")
+    if not (isinstance(base, Node) and op_of(base) == "full" and very_negative(base.args[1])
+            and is_number(value) and value == 0):
+        return None
+    if isinstance(index, Node) and op_of(index) == "getitem" and index.args[1] == 1:
+        index = index.args[0]
+    elif isinstance(index, Node) and index.op == "call_function" and \
+            getattr(index.target, "__name__", "") == "getattr" and index.args[1] == "indices":
+        index = index.args[0]
+    if isinstance(index, Node) and op_of(index) == "topk":
+        return index
+    return None

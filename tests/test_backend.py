@@ -1,0 +1,101 @@
+"""torch.compile(backend="dsa"): exactness, sparsity, dynamic shapes, fallback."""
+
+import warnings
+
+import models as M  # tests/ is on sys.path (rootdir conftest)
+import pytest
+import torch
+
+from dsa_compile.backends import dynamo as backend
+
+EXACT = {"top_k": 4096, "dense_below": 0}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(model, options, **kw):
+    return torch.compile(model, backend="dsa", options=options, **kw)
+
+
+@pytest.mark.parametrize("name,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "eager"),
+                                       ("bert", "sdpa")])
+def test_compile_exact_hugging_face(name, attn):
+    model = getattr(M, name)(attn)
+    inputs = M.token_inputs(length=13, pad=3)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        out = _compile(model, EXACT)(**inputs)[0]
+    assert backend.LAST_RECORDS and all(r.rewritten for r in backend.LAST_RECORDS)
+    rows = (slice(None), slice(3, None)) if name != "bert" else (slice(None),)
+    torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [M.CausalSelfAttention, M.HandAttention, M.SDPAAttention],
+                         ids=["nanogpt", "hand", "sdpa"])
+def test_compile_exact_small_modules(build):
+    model = build().eval()
+    x = torch.randn(2, 37, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = _compile(model, EXACT, fullgraph=True)(x)
+    assert [r.rewritten for r in backend.LAST_RECORDS] == [True]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_small_top_k_changes_output():
+    model = M.llama("sdpa")
+    inputs = M.token_inputs(length=40, pad=0)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        out = _compile(model, {"top_k": 4, "dense_below": 0})(**inputs)[0]
+    assert len(backend.LAST_RECORDS) == 2 and all(r.rewritten for r in backend.LAST_RECORDS)
+    assert (out - ref).abs().max() > 1e-3
+
+
+def test_dynamic_lengths_compile_once():
+    model = M.llama("sdpa", layers=1)
+    compiled = _compile(model, {"top_k": 64}, dynamic=True)
+    with torch.no_grad():
+        compiled(input_ids=torch.randint(0, 64, (1, 128)))
+        after_first = backend.CALLS["count"]
+        for length in (640, 1500, 4096):
+            ids = torch.randint(0, 64, (1, length))
+            out = compiled(input_ids=ids)[0]
+            assert out.shape == (1, length, 64)
+    assert backend.CALLS["count"] == after_first     # no recompile per length
+    assert all(r.rewritten for r in backend.LAST_RECORDS)
+
+
+def test_rewrite_failure_falls_back_to_dense(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("synthetic pass failure")
+
+    monkeypatch.setattr(backend, "run_passes", boom)
+    model = M.HandAttention().eval()
+    x = torch.randn(2, 11, 32)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _compile(model, EXACT)(x)
+    assert any("synthetic pass failure" in str(w.message) for w in caught)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_option_raises():
+    with pytest.raises(Exception, match="unknown dsa option"):
+        _compile(M.HandAttention().eval(), {"topk": 3})(torch.randn(1, 5, 32))
+
+
+def test_compile_reference_style_dsa_layer():
+    from test_passes import _dsa_layer
+
+    layer = _dsa_layer()().eval()
+    x = torch.randn(2, 29, 64)
+    with torch.no_grad():
+        out = _compile(layer, None, fullgraph=True)(x)
+    assert [r.kind for r in backend.LAST_RECORDS] == ["dsa_reference"]
+    torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,194 @@
+"""The FX passes through dsa_compile.apply / explain: exactness, negatives, export."""
+
+import models as M  # tests/ is on sys.path (rootdir conftest)
+import pytest
+import torch
+
+import dsa_compile
+from dsa_compile import DSAConfig
+from dsa_compile.passes import COUNTERS
+
+EXACT = DSAConfig(top_k=4096, dense_below=0)   # top_k >= every visible key, sparse path forced
+
+
+def _inputs(length=13, pad=4):
+    x = torch.randn(2, length, 32)
+    key_mask = torch.ones(2, length, dtype=torch.bool)
+    key_mask[1, :pad] = False
+    return x, key_mask
+
+
+def _close_on_valid_rows(out, ref, valid_rows=None):
+    """Compare, skipping query rows that see no key (dense gives NaN/uniform there)."""
+    if valid_rows is not None:
+        out, ref = out[valid_rows], ref[valid_rows]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+HAND_FORMS = {
+    "nanogpt": lambda: (M.CausalSelfAttention(), False),
+    "matmul_scores_repeat_kv": lambda: (M.HandAttention(), False),
+    "einsum_q_scale_interleave_add_upcast": lambda: (M.HandAttention(
+        scale_on="q", product="einsum", gqa="repeat_interleave", mask="causal_add",
+        upcast=True), False),
+    "div_scale_causal_padding": lambda: (M.HandAttention(scale_on="div",
+                                                         mask="causal_padding"), True),
+    "padding_only_mha": lambda: (M.HandAttention(mask="padding", gqa="none", kv_heads=4), True),
+    "sdpa_causal_gqa": lambda: (M.SDPAAttention(), False),
+    "sdpa_bool_mask": lambda: (M.SDPAAttention(causal=False, mask="bool"), True),
+    "sdpa_additive_mask_scale": lambda: (M.SDPAAttention(causal=False, mask="additive",
+                                                         scale=0.3), True),
+}
+
+
+@pytest.mark.parametrize("form", list(HAND_FORMS))
+def test_apply_exact_hand_written(form):
+    model, uses_mask = HAND_FORMS[form]()
+    model.eval()
+    x, key_mask = _inputs()
+    args = (x, key_mask) if uses_mask else (x,)
+    before = COUNTERS.copy()
+    g = dsa_compile.apply(model, args, EXACT)
+    assert [s.rewritten for s in g.dsa_report.sites] == [True], str(g.dsa_report)
+    assert sum(COUNTERS.values()) == sum(before.values()) + 1
+    assert any(n.target is torch.ops.dsa.attention.default for n in g.graph.nodes)
+    with torch.no_grad():
+        ref, out = model(*args), g(*args)
+    # causal + padding: queries 0..3 of row 1 see no key at all.
+    valid = (slice(None), slice(4, None)) if form == "div_scale_causal_padding" else None
+    _close_on_valid_rows(out, ref, valid)
+
+
+NEGATIVE = {
+    "alibi_bias": (lambda: M.SDPAAttention(causal=False, mask="alibi"), "not provably a mask"),
+    "probabilities_returned": (lambda: M.ReturnsScores(), "used elsewhere"),
+    "training_dropout": (lambda: M.TrainingDropout(), "training-mode dropout"),
+    "sdpa_dropout": (lambda: M.SDPAAttention(dropout=0.1), "dropout"),
+}
+
+
+@pytest.mark.parametrize("form", list(NEGATIVE))
+def test_unprovable_forms_stay_dense(form):
+    build, reason = NEGATIVE[form]
+    model = build().eval()
+    x, key_mask = _inputs()
+    report = dsa_compile.explain(model, (x, key_mask))
+    assert len(report.sites) == 1
+    site = report.sites[0]
+    assert not site.rewritten and reason in site.reason, str(report)
+    g = dsa_compile.apply(model, (x, key_mask), EXACT)
+    assert not any(n.target is torch.ops.dsa.attention.default for n in g.graph.nodes)
+
+
+def test_multihead_attention_fast_path_is_reported():
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 13, 32)
+    report = dsa_compile.explain(lambda_module(mha), (x,))
+    assert report.sites and not report.sites[0].rewritten
+    assert "opaque" in report.sites[0].reason
+
+
+def lambda_module(mha):
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+    return Wrap().eval()
+
+
+@pytest.mark.parametrize("name,attn", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "eager"),
+                                       ("gpt2", "sdpa"), ("bert", "sdpa"), ("bert", "eager")])
+def test_apply_exact_hugging_face(name, attn):
+    model = getattr(M, name)(attn)
+    inputs = M.token_inputs(length=11, pad=3)
+    g = dsa_compile.apply(model, inputs, EXACT)
+    report = g.dsa_report
+    assert len(report.sites) == 2 and all(s.rewritten for s in report.sites), str(report)
+    with torch.no_grad():
+        ref, out = model(**inputs)[0], g(**inputs)[0]
+    # Left-padded query rows of a causal model see no key: not compared.
+    valid = (slice(None), slice(3, None)) if name != "bert" else None
+    _close_on_valid_rows(out, ref, valid)
+
+
+def test_small_top_k_changes_output_and_explain_lists_every_site():
+    model = M.llama("eager", layers=2)
+    inputs = M.token_inputs(length=24, pad=0)
+    sparse = DSAConfig(top_k=4, dense_below=0)
+    report = dsa_compile.explain(model, inputs, sparse)
+    assert [s.name for s in report.sites] == ["model.layers.0.self_attn",
+                                             "model.layers.1.self_attn"]
+    assert all(s.rewritten for s in report.sites)
+    assert "2 of 2 attention sites rewritten" in str(report)
+    g = dsa_compile.apply(model, inputs, sparse)
+    with torch.no_grad():
+        diff = (g(**inputs)[0] - model(**inputs)[0]).abs().max()
+    assert diff > 1e-3
+
+
+def test_config_sites_and_exclude():
+    model = M.llama("sdpa", layers=2)
+    inputs = M.token_inputs()
+    report = dsa_compile.explain(model, inputs, DSAConfig(exclude=("*.layers.1.*",)))
+    assert [s.rewritten for s in report.sites] == [True, False]
+    assert "exclude" in report.sites[1].reason
+
+
+def test_applied_module_exports_with_dsa_ops():
+    model = M.llama("sdpa", layers=1)
+    inputs = M.token_inputs()
+    g = dsa_compile.apply(model, inputs, EXACT)
+    ep = torch.export.export(g, (), inputs, strict=False)
+    targets = [n.target for n in ep.graph.nodes]
+    assert targets.count(torch.ops.dsa.attention.default) == 1
+
+
+def test_same_model_finds_same_indexer():
+    from dsa_compile.indexer import REGISTRY
+
+    model = M.llama("sdpa", layers=2)
+    dsa_compile.apply(model, M.token_inputs(length=11), EXACT)
+    first = REGISTRY.indexers_of(model)
+    dsa_compile.apply(model, M.token_inputs(length=17), EXACT)
+    assert set(first) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    assert all(REGISTRY.indexers_of(model)[k] is v for k, v in first.items())
+    assert first["model.layers.0.self_attn"].anchor_fqns[0].startswith(
+        "model.layers.0.self_attn.")
+
+
+def test_path_normalisation():
+    from dsa_compile.passes import normalize_path
+
+    assert normalize_path("L['self'].model.layers[0].self_attn") == "model.layers.0.self_attn"
+    assert normalize_path("L['args'][0]._modules['model']._modules['layers']._modules['3']"
+                          "._parameters['weight']") == "model.layers.3.weight"
+
+
+def _dsa_layer():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "dsa_layer.py"
+    spec = importlib.util.spec_from_file_location("dsa_layer_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DSALayer
+
+
+def test_reference_style_dsa_is_lowered_to_dsa_ops():
+    layer = _dsa_layer()().eval()
+    x = torch.randn(2, 37, 64)
+    before = COUNTERS["dsa_reference"]
+    g = dsa_compile.apply(layer, (x,))
+    (site,) = g.dsa_report.sites
+    assert site.rewritten and site.kind == "dsa_reference", str(g.dsa_report)
+    assert COUNTERS["dsa_reference"] == before + 1
+    targets = {n.target for n in g.graph.nodes}
+    assert torch.ops.dsa.indexer_topk.default in targets
+    assert torch.ops.dsa.sparse_attention.default in targets
+    assert not any(getattr(n, "name", "").startswith("dsa_indexer") for n in g.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), layer(x), atol=1e-5, rtol=1e-5)
