@@ -1,0 +1,421 @@
+"""Export a DSA model to one self-contained ONNX file.
+
+    torch.export  ->  dsa ops found?  (else dsa_compile.apply first)
+                  ->  torch.onnx.export(dynamo=True) with translations to domain ``dsa``
+                  ->  attach model-local FunctionProtos, pin ir_version 10, full check
+                  ->  write to a temp file beside ``path``, then os.replace
+
+Every ``torch.ops.dsa.*`` node becomes one ``dsa.*`` node; everything else is standard
+ONNX (opset 23). The file runs on a stock onnxruntime through the function bodies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+import torch
+from onnxscript.values import Opset
+
+import dsa_compile
+from dsa_compile.config import DSAConfig
+from dsa_compile.onnx import functions
+from dsa_compile.onnx.schemas import register_schemas
+
+# Markers that make a file recognisably ours (see dsa_compile.onnx.verify).
+PRODUCER = "dsa_compile"
+META_VERSION = "dsa_compile.version"
+META_CONFIG = "dsa_compile.config"
+META_REWRITE = "dsa_compile.rewrite"
+IR_VERSION = 10  # the newest IR onnxruntime 1.2x/1.3x loads
+
+_DSA = Opset(functions.DOMAIN, functions.VERSION)
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported; the message names the offending node."""
+
+
+# ---------------------------------------------------------------------------------------
+# Translations: torch.ops.dsa.*  ->  dsa.* nodes (trace-only onnxscript functions)
+# ---------------------------------------------------------------------------------------
+
+
+def translation_table(query_chunk: int = functions.DEFAULT_QUERY_CHUNK) -> dict:
+    """{torch op overload: trace-only onnxscript translation} for ``torch.onnx.export``."""
+
+    def attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal=True, q_offset=0,
+                  key_mask=None, softcap=0.0, dense_below=0):
+        return _DSA.Attention(q, k, v, q_idx, k_idx, w, top_k=int(top_k), scale=float(scale),
+                              causal=int(bool(causal)), q_offset=int(q_offset),
+                              softcap=float(softcap), dense_below=int(dense_below),
+                              query_chunk=query_chunk)
+
+    def indexer_topk(q_idx, k_idx, w, top_k, q_offset=0, causal=True, key_mask=None):
+        return _DSA.IndexerTopK(q_idx, k_idx, w, top_k=int(top_k), q_offset=int(q_offset),
+                                causal=int(bool(causal)), query_chunk=query_chunk)
+
+    def sparse_attention(q, k, v, indices, scale, softcap=0.0):
+        return _DSA.SparseAttention(q, k, v, indices, scale=float(scale),
+                                    softcap=float(softcap), query_chunk=query_chunk,
+                                    _outputs=2)
+
+    return {
+        torch.ops.dsa.attention.default: attention,
+        torch.ops.dsa.indexer_topk.default: indexer_topk,
+        torch.ops.dsa.sparse_attention.default: sparse_attention,
+    }
+
+
+# Which FunctionProto each torch op needs, and arguments the functions do not support.
+_FUNCTION_OF = {"attention": "Attention", "indexer_topk": "IndexerTopK",
+                "sparse_attention": "SparseAttention"}
+_KEY_MASK_ARG = {"attention": 10, "indexer_topk": 6}
+
+
+# ---------------------------------------------------------------------------------------
+# Graph inspection
+# ---------------------------------------------------------------------------------------
+
+
+def _where(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else "<root>"
+    return f"node {node.name!r} ({node.target}) in module {module!r}"
+
+
+def dsa_nodes(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
+    """The ``torch.ops.dsa.*`` call nodes of an exported program."""
+    return [n for n in program.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "dsa"]
+
+
+def check_exportable(program: torch.export.ExportedProgram) -> list[str]:
+    """Raise :class:`ExportError` naming the first dsa node the ONNX functions cannot run.
+
+    Returns the function names (``Attention``, ...) the graph needs.
+    """
+    needed = []
+    for node in dsa_nodes(program):
+        op = node.target._opname if hasattr(node.target, "_opname") else str(node.target)
+        if op not in _FUNCTION_OF:
+            raise ExportError(
+                f"cannot export {_where(node)}: torch.ops.dsa.{op} has no ONNX form (only "
+                f"{sorted(_FUNCTION_OF)} do); remove it from the inference graph")
+        mask_at = _KEY_MASK_ARG.get(op)
+        if mask_at is not None:
+            mask = node.args[mask_at] if len(node.args) > mask_at else node.kwargs.get("key_mask")
+            if mask is not None:
+                raise ExportError(
+                    f"cannot export {_where(node)}: key_mask (padding) is not supported by the "
+                    f"dsa.{_FUNCTION_OF[op]} ONNX function; export without an attention mask "
+                    f"(unpadded inputs)")
+        needed.append(_FUNCTION_OF[op])
+    return sorted(set(needed))
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------
+
+
+def _dynamic_shapes(example_args: Sequence[Any], dynamic: bool):
+    if not dynamic:
+        return None
+    auto = torch.export.Dim.AUTO
+    return tuple({i: auto for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
+                 for a in example_args)
+
+
+def _torch_export(model, example_args, dynamic: bool) -> torch.export.ExportedProgram:
+    shapes = _dynamic_shapes(example_args, dynamic)
+    params = inspect.signature(model.forward).parameters.values()
+    if shapes is not None and any(p.kind is p.VAR_POSITIONAL for p in params):
+        shapes = (shapes,)  # forward(*args): the specs of all args form one entry
+    return torch.export.export(model, tuple(example_args), dynamic_shapes=shapes, strict=False)
+
+
+def _apply_available() -> bool:
+    try:
+        import dsa_compile.api  # noqa: F401  (written alongside; may not exist yet)
+    except ImportError:
+        return False
+    return True
+
+
+def _warn_unfitted(model: torch.nn.Module) -> None:
+    """Tracing never fits an indexer, so an unfitted one would be exported data-free."""
+    from dsa_compile.indexer import REGISTRY, Indexer
+
+    found = {id(m): m for m in model.modules() if isinstance(m, Indexer)}
+    found.update({id(m): m for m in REGISTRY.indexers_of(model).values()})
+    unfitted = sorted(getattr(m, "site_name", type(m).__name__) for m in found.values()
+                      if not getattr(m, "fitted", True))
+    if unfitted:
+        warnings.warn(
+            f"exporting {len(unfitted)} indexer(s) that never saw data ({unfitted[:3]}...): "
+            f"their data-free init selects poorly; run the model once on >= 256 real tokens "
+            f"or calibrate / load_indexers before export", stacklevel=3)
+
+
+class CausalLMLogits(torch.nn.Module):
+    """input_ids [B, L] -> logits [B, L, V] of a Hugging Face causal LM, without KV cache.
+
+    Wrap a transformers model in this before export so the ONNX file has one output.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class _CausalMask(torch.overrides.TorchFunctionMode):
+    """Turn an SDPA call with an explicit mask into ``is_causal=True``.
+
+    Under torch.export, transformers always materialises the causal mask (it cannot skip
+    it for a dynamic length). For the inputs :class:`SDPAOverrideDSA` supports
+    (input_ids only: no padding, full causal attention) that mask is exactly causal;
+    eager calls check it, traced ones cannot.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v, *rest = args
+        mask = rest[0] if rest else kwargs.pop("attn_mask", None)
+        if mask is None:
+            return func(*args, **kwargs)
+        if not isinstance(mask, torch._subclasses.fake_tensor.FakeTensor):
+            lq, lk = q.shape[2], k.shape[2]
+            causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+            if mask.dtype != torch.bool or not torch.equal(mask.expand(-1, -1, lq, lk)[0, 0],
+                                                           causal):
+                raise ExportError("the model passes a non-causal attention mask (padding or "
+                                  "a sliding window); export it through dsa_compile.apply")
+        kwargs.pop("is_causal", None)
+        return func(q, k, v, is_causal=True, **{k_: v_ for k_, v_ in kwargs.items()
+                                                if k_ in ("scale", "enable_gqa")})
+
+
+class SDPAOverrideDSA(torch.nn.Module):
+    """``model`` with every SDPA call swapped for ``torch.ops.dsa.attention`` (sparse path
+    forced, each site's registry indexer), through
+    :func:`dsa_compile.evaluation.attention_override` -- the same PyTorch DSA model that
+    ``evaluation.perplexity(..., mode="dsa")`` measures. The rewrite export uses when
+    ``dsa_compile.apply`` is not available.
+
+    The indexers are registered as submodules so their weights export as initializers;
+    call the wrapper once eagerly (``prepare``) so every site's indexer exists (and fits
+    itself on >= 256 real tokens) before tracing.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: DSAConfig | None) -> None:
+        super().__init__()
+        hf_config = getattr(getattr(model, "model", model), "config", None)
+        if getattr(hf_config, "sliding_window", None):
+            raise ExportError("models with sliding-window attention need dsa_compile.apply")
+        self.model = model
+        self.config = config or DSAConfig()
+        self.indexers = torch.nn.ModuleDict()
+
+    def prepare(self, example_args: Sequence[Any]) -> None:
+        """One eager run in "dsa" mode: creates (and fits) every site's indexer."""
+        from dsa_compile.evaluation import attention_override
+        from dsa_compile.indexer import REGISTRY
+
+        with torch.no_grad(), attention_override(self.model, "dsa", self.config) as override:
+            self.model(*example_args)
+        if override.swapped == 0:
+            raise ExportError("no attention call of the model could be swapped for DSA "
+                              "(it must call F.scaled_dot_product_attention without a mask)")
+        self._sites = REGISTRY.indexers_of(self.model)
+        for name, indexer in self._sites.items():
+            self.indexers[name.replace(".", "__") or "root"] = indexer
+
+    def _site_attention(self, call) -> torch.Tensor:
+        """The DSA attention of one SDPA call (what attention_override's "dsa" mode runs);
+        the indexer is found by site name, since tracing replaces the parameters that
+        the registry keys on."""
+        indexer = self._sites.get(call.name)
+        if indexer is None:
+            raise ExportError(f"attention site {call.name!r} had no indexer after prepare()")
+        k, v = call.k, call.v
+        if k.shape[1] != indexer.num_kv_heads:
+            # Traced transformers may repeat_kv the KV heads (each n_rep times in a row)
+            # instead of passing enable_gqa: take one copy of each back.
+            rep = k.shape[1] // indexer.num_kv_heads
+            k, v = k[:, ::rep], v[:, ::rep]
+        q_idx, k_idx, w = indexer(call.q, k)
+        return torch.ops.dsa.attention(call.q, k, v, q_idx, k_idx, w,
+                                       self.config.top_k, call.scale, call.causal,
+                                       call.k.shape[2] - call.q.shape[2], None,
+                                       self.config.softcap, 0)
+
+    def forward(self, *args):
+        from dsa_compile.evaluation import attention_override
+
+        if not hasattr(self, "_sites"):
+            raise ExportError("call SDPAOverrideDSA.prepare(example_args) before running it")
+        with attention_override(self.model, "capture", handler=self._site_attention), \
+                _CausalMask():
+            return self.model(*args)
+
+
+def _apply_rewrite(model, example_args, config) -> tuple[torch.nn.Module | None, str]:
+    """``dsa_compile.apply`` if it is installed and converts at least one site."""
+    if not _apply_available():
+        return None, "dsa_compile.apply is not installed"
+    try:
+        rewritten = dsa_compile.apply(model, tuple(example_args), config)
+    except Exception as err:  # any capture failure: fall back, but say why
+        return None, f"dsa_compile.apply failed: {type(err).__name__}: {err}"
+    report = getattr(rewritten, "dsa_report", None)
+    if report is not None and not report.rewritten:
+        return None, f"dsa_compile.apply converted no site:\n{report}"
+    return rewritten, ""
+
+
+def to_dsa_program(model: torch.nn.Module, example_args: Sequence[Any],
+                   config: DSAConfig | None, dynamic: bool,
+                   ) -> tuple[torch.export.ExportedProgram, str]:
+    """An ExportedProgram with dsa ops, and which rewrite made them.
+
+    The rewrite is "model" (the model already calls the dsa ops), "apply"
+    (``dsa_compile.apply(model, example_args, config)``) or, when apply is missing or
+    converts nothing, "sdpa_override" (:class:`SDPAOverrideDSA`, with a warning).
+    """
+    program = _torch_export(model, example_args, dynamic)
+    if dsa_nodes(program):
+        _warn_unfitted(model)
+        return program, "model"
+    rewritten, why_not = _apply_rewrite(model, example_args, config)
+    if rewritten is not None:
+        program = _torch_export(rewritten, example_args, dynamic)
+        try:
+            check_exportable(program)
+        except ExportError as err:  # e.g. apply kept a padding key_mask
+            why_not = f"the graph of dsa_compile.apply cannot be exported: {err}"
+        else:
+            if dsa_nodes(program):
+                _warn_unfitted(model)
+                return program, "apply"
+            why_not = "the graph of dsa_compile.apply has no dsa node after torch.export"
+    warnings.warn(f"{why_not}\nexporting through the SDPA override instead "
+                  f"(dsa_compile.onnx.SDPAOverrideDSA)", stacklevel=3)
+    rewritten = SDPAOverrideDSA(model, config)
+    rewritten.prepare(example_args)
+    how = "sdpa_override"
+    _warn_unfitted(model)
+    program = _torch_export(rewritten, example_args, dynamic)
+    if not dsa_nodes(program):
+        raise ExportError(
+            "the DSA rewrite found no attention site to convert; nothing DSA to export "
+            "(see dsa_compile.explain(model, example_args))")
+    return program, how
+
+
+def finish_model(model: onnx.ModelProto, needed: Sequence[str],
+                 config: DSAConfig | None, rewrite: str = "model") -> onnx.ModelProto:
+    """Attach the function bodies and our markers, pin the IR version, full-check."""
+    register_schemas()
+    bodies = functions.all_functions()
+    kept = [f for f in model.functions if f.domain != functions.DOMAIN]
+    del model.functions[:]
+    model.functions.extend(kept + [bodies[name] for name in needed])
+    if not any(o.domain == functions.DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(functions.DOMAIN, functions.VERSION))
+    model.ir_version = IR_VERSION
+    model.producer_name = PRODUCER
+    model.producer_version = dsa_compile.__version__
+    meta = {META_VERSION: dsa_compile.__version__, META_REWRITE: rewrite,
+            META_CONFIG: json.dumps(dataclasses.asdict(config) if config else None)}
+    for prop in list(model.metadata_props):
+        if prop.key in meta:
+            model.metadata_props.remove(prop)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **meta})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` to a temp file in path's folder, then rename it over ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".dsa-onnx-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.PathLike,
+           config: DSAConfig | dict | None = None, dynamic: bool = True,
+           query_chunk: int | None = None) -> onnx.ModelProto:
+    """Export a DSA model to ``path`` as one ONNX file that stock onnxruntime runs.
+
+    Args:
+        model: a module whose forward calls ``torch.ops.dsa.*`` (already rewritten), or a
+            dense model that ``dsa_compile.apply(model, example_args, config)`` rewrites.
+        example_args: positional example inputs (tuple), e.g. ``(input_ids,)`` with
+            input_ids int64 [B, L].
+        path: output file; replaced atomically, never left partial.
+        config: DSAConfig (or options dict) for the rewrite; recorded in the file.
+        dynamic: export every tensor dimension as dynamic where the model allows (one file
+            serves any sequence length the model supports). torch.export fixes a size-1
+            example dimension: give a batch of 2 to keep the batch dynamic.
+        query_chunk: query rows per Loop iteration in the dsa function bodies (memory/speed
+            knob; default functions.DEFAULT_QUERY_CHUNK).
+
+    Returns:
+        The saved ModelProto.
+
+    Raises:
+        ExportError: no dsa op after rewriting, or a node that cannot be exported (the
+            message names it); ``path`` is untouched.
+
+    Warns when ``dsa_compile.apply`` is missing or converts nothing and the export falls
+    back to :class:`SDPAOverrideDSA` (recorded as "rewrite" in :func:`verify`'s report),
+    and when an indexer that never saw data is exported.
+    """
+    config = DSAConfig.from_options(config) if config is not None else None
+    if query_chunk is not None and (not isinstance(query_chunk, int) or query_chunk <= 0):
+        raise ValueError(f"query_chunk must be a positive int, got {query_chunk!r}")
+    if isinstance(example_args, torch.Tensor):
+        example_args = (example_args,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            program, rewrite = to_dsa_program(model, example_args, config, dynamic)
+        needed = check_exportable(program)
+        register_schemas()
+        table = translation_table(query_chunk or functions.DEFAULT_QUERY_CHUNK)
+        try:
+            onnx_program = torch.onnx.export(
+                program, opset_version=functions.ONNX_OPSET, dynamo=True,
+                custom_translation_table=table, optimize=True, verbose=False)
+        except Exception as err:
+            raise ExportError(f"torch.onnx.export failed: {err}") from err
+        model_proto = finish_model(onnx_program.model_proto, needed, config, rewrite)
+    finally:
+        model.train(was_training)
+    save_atomic(model_proto, path)
+    return model_proto

@@ -1,0 +1,561 @@
+"""Model-local ONNX function bodies of the ``dsa`` ops, in standard ONNX ops only.
+
+A stock onnxruntime runs a ``dsa.*`` node by inlining the FunctionProto of the same
+(domain, name) that the exported model carries, so the file needs nothing installed
+besides onnxruntime. Each body walks the queries in chunks of ``query_chunk`` inside a
+``Loop``, so memory stays O(chunk * Lk) for the indexer and O(chunk * top_k * D) for the
+gathered keys: neither [Lq, Lk] scores nor [Lq, top_k, H, D] gathers exist at once.
+
+Per query chunk (rows t = s .. s + C, absolute position q_offset + t):
+
+    scores  = w . ReLU(q_idx @ k_idx^T)          [B, C, Lk_vis]  (causal: keys <= last row)
+    sel     = TopK(scores, min(top_k, Lk_vis))  (-inf scores are masked keys)
+    out     = softmax(scale * q . k[sel]) @ v[sel]
+
+The last line has two forms in ``dsa.Attention``: while a chunk sees at most
+GATHER_ABOVE_KEYS keys, one GEMM per KV head gives the logits of every visible key and
+the selected ones are picked (GatherElements) and scattered back as probabilities for a
+second GEMM with V; beyond that, the selected K and V rows are gathered
+([B, Hkv, C, top_k, D] per chunk). Both are exact; the switch is only speed (onnxruntime
+runs many tiny GEMMs slowly, so gathering pays only when the visible keys are many).
+
+Attributes are read through top-level ``Constant`` nodes that reference the function's
+attributes, and the Loop bodies use those outer-scope values, so no attribute
+reference sits inside a subgraph.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper
+
+DOMAIN = "dsa"
+VERSION = 1
+ONNX_OPSET = 23
+
+# Query rows per Loop iteration unless the node says otherwise (attribute query_chunk).
+# Measured on onnxruntime CPU at L = 8192, top_k = 512: 32 -> 1.52 s, 64 -> 1.36 s,
+# 128 -> 1.63 s (larger chunks amortise per-iteration cost, smaller ones stay in cache).
+DEFAULT_QUERY_CHUNK = 64
+
+# Query chunks that see at most this many keys attend through dense GEMMs over the
+# visible keys (then pick the selected logits); longer ones gather the selected K/V rows.
+# Tuned on onnxruntime CPU with 9 q heads, 3 KV heads, d = 64 (benchmarks/onnx_layer.py).
+GATHER_ABOVE_KEYS = 4096
+
+_NEG_INF = float("-inf")
+
+
+class _Body:
+    """Tiny builder of a node list with unique value names."""
+
+    def __init__(self, prefix: str) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._ids = itertools.count()
+        self._prefix = prefix
+
+    def name(self, hint: str) -> str:
+        return f"{self._prefix}_{hint}_{next(self._ids)}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, hint: str | None = None,
+           **attrs) -> str | list[str]:
+        outs = [self.name(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=np.int64, hint: str = "c") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        return self.op("Constant", hint=hint, value=helper.make_tensor(
+            self.name(hint), helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape,
+            arr.flatten().tolist()))
+
+    def attr_const(self, attr: str, kind: str) -> str:
+        """A Constant whose value is the function attribute ``attr`` (kind int/float)."""
+        out = self.name(attr)
+        node = helper.make_node("Constant", [], [out])
+        field = {"int": ("value_int", AttributeProto.INT),
+                 "float": ("value_float", AttributeProto.FLOAT)}[kind]
+        node.attribute.append(helper.make_attribute_ref(field[0], field[1], ref_attr_name=attr))
+        self.nodes.append(node)
+        return out
+
+    def dim(self, x: str, axis: int) -> str:
+        """Dimension ``axis`` of x as an int64 [1] tensor."""
+        return self.op("Shape", x, start=axis, end=axis + 1, hint="dim")
+
+    def scalar(self, x: str) -> str:
+        return self.op("Squeeze", x, hint="scalar")
+
+    def slice(self, x: str, start: str, end: str, axis: int) -> str:
+        return self.op("Slice", x, start, end, self.const([axis]))
+
+    def cat(self, *xs: str) -> str:
+        return self.op("Concat", *xs, axis=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------
+
+
+def _attributes(b: _Body, names: dict[str, str]) -> dict[str, str]:
+    """int64 [1] / float [] constants for each (attribute, kind)."""
+    out = {}
+    for attr, kind in names.items():
+        c = b.attr_const(attr, kind)
+        out[attr] = b.op("Reshape", c, b.const([1])) if kind == "int" else c
+    return out
+
+
+def _chunk_count(b: _Body, rows: str, chunk: str) -> tuple[str, str]:
+    """(number of chunks, padded row count), both int64 [1]."""
+    one = b.const([1])
+    n = b.op("Div", b.op("Sub", b.op("Add", rows, chunk), one), chunk)
+    return n, b.op("Mul", n, chunk)
+
+
+def _pad_rows(b: _Body, x: str, axis: int, rank: int, extra: str, value=None) -> str:
+    """Pad ``x`` at the end of ``axis`` by ``extra`` rows (int64 [1]) with ``value`` (0)."""
+    zero = b.const([0])
+    ends = [zero] * rank
+    ends[axis] = extra
+    pads = b.op("Concat", *([zero] * rank), *ends, axis=0)
+    if value is None:
+        return b.op("Pad", x, pads)
+    return b.op("Pad", x, pads, value)
+
+
+def _index_scores(b: _Body, qi: str, k_idx_t: str, wc: str, lk_vis: str, qpos: str,
+                  causal: str, key_pos: str) -> str:
+    """Indexer scores of one chunk.
+
+    qi: [B, C, H_I, d_I], k_idx_t: [B, d_I, Lk], wc: [B, C, 1, H_I], qpos: int64 [C, 1]
+    absolute query positions; returns float32 [B, C, Lk_vis], -inf where not visible.
+    """
+    zero = b.const([0])
+    kt = b.slice(k_idx_t, zero, lk_vis, 2)                       # [B, d_I, Lk_vis]
+    shp = b.op("Shape", qi)
+    bc = b.op("Slice", shp, zero, b.const([2]), zero)            # [B, C]
+    qf = b.op("Reshape", qi, b.cat(b.op("Slice", shp, zero, b.const([1]), zero),
+                                   b.const([-1]), b.op("Slice", shp, b.const([3]), b.const([4]),
+                                                       zero)))
+    dots = b.op("Relu", b.op("MatMul", qf, kt))                  # [B, C*H_I, Lk_vis]
+    dots = b.op("Reshape", dots, b.cat(bc, b.const([-1]), lk_vis))  # [B, C, H_I, Lk_vis]
+    sc = b.op("MatMul", wc, dots)                                # [B, C, 1, Lk_vis]
+    sc = b.op("Squeeze", sc, b.const([2]))
+    kp = b.slice(key_pos, zero, lk_vis, 0)                       # [Lk_vis]
+    hide = b.op("And", b.op("Greater", kp, qpos), causal)        # [C, Lk_vis]
+    return b.op("Where", hide, b.const(_NEG_INF, np.float32), sc)
+
+
+def _gather_rows(b: _Body, rows: str, row_base: str, idx: str) -> str:
+    """rows: [B*Hkv*Lk, D]; row_base: [B, Hkv, 1, 1]; idx: [B, G, C, K] -> [B, Hkv, C, K, D]."""
+    return b.op("Gather", rows, b.op("Add", row_base, idx), axis=0)
+
+
+def _sparse_chunk(b: _Body, qc: str, k_rows: str, v_rows: str, row_base: str, idx: str,
+                  valid: str, softcap: str, with_lse: bool):
+    """Attention of one query chunk over its selected keys.
+
+    qc: [B, Hkv, C, R, D] pre-scaled queries; idx: [B, G, C, K] int64 (clamped, >= 0);
+    valid: bool [B, G, C, K]. Returns out [B, Hkv, C, R, Dv] (and lse [B, Hkv, C, R]).
+    """
+    kg = _gather_rows(b, k_rows, row_base, idx)                 # [B, Hkv, C, K, D]
+    logits = b.op("MatMul", qc, b.op("Transpose", kg, perm=[0, 1, 2, 4, 3]))  # [.., R, K]
+    logits = _softcap(b, logits, softcap)
+    vmask = b.op("Unsqueeze", valid, b.const([3]))               # [B, G, C, 1, K]
+    logits = b.op("Where", vmask, logits, b.const(_NEG_INF, np.float32))
+    vg = _gather_rows(b, v_rows, row_base, idx)                 # [B, Hkv, C, K, Dv]
+    if not with_lse:
+        return b.op("MatMul", b.op("Softmax", logits, axis=-1), vg), None
+    m = b.op("ReduceMax", logits, b.const([-1]), keepdims=1)
+    finite = b.op("Not", b.op("IsInf", m))
+    m = b.op("Where", finite, m, b.const(0.0, np.float32))
+    p = b.op("Exp", b.op("Sub", logits, m))
+    total = b.op("ReduceSum", p, b.const([-1]), keepdims=1)
+    # A query without a valid key has total 0: output 0 and lse -inf, as the reference.
+    safe = b.op("Max", total, b.const(np.finfo(np.float32).tiny, np.float32))
+    out = b.op("MatMul", b.op("Div", p, safe), vg)
+    lse = b.op("Squeeze", b.op("Add", b.op("Log", total), m), b.const([-1]))
+    return out, lse
+
+
+def _masked_dense_chunk(b: _Body, qc: str, k: str, v: str, idx: str, valid: str, lk_vis: str,
+                        softcap: str) -> str:
+    """The same attention as the gather path, through dense GEMMs over the visible keys.
+
+    Logits of every visible key come from one [C*R, D] x [D, Lk_vis] GEMM per KV head;
+    the selected ones are picked with GatherElements, softmaxed, scattered back into a
+    zero [C*R, Lk_vis] matrix and multiplied by V. Cheaper than gathering K and V rows
+    while Lk_vis is short (see GATHER_ABOVE_KEYS); O(C * Lk_vis) memory per chunk.
+
+    qc: [B, Hkv, C, R, D] pre-scaled; idx/valid: [B, C, K]; returns [B, Hkv, C, R, Dv].
+    """
+    zero = b.const([0])
+    shp = b.op("Shape", qc)
+    lead = b.op("Slice", shp, zero, b.const([4]), zero)                    # [B, Hkv, C, R]
+    two = b.op("Slice", shp, zero, b.const([2]), zero)                     # [B, Hkv]
+    qd = b.op("Reshape", qc, b.cat(two, b.const([-1]), b.op("Slice", shp, b.const([4]),
+                                                            b.const([5]), zero)))
+    kv = b.slice(k, zero, lk_vis, 2)                                       # [B, Hkv, Lk_vis, D]
+    vv = b.slice(v, zero, lk_vis, 2)
+    logits = b.op("MatMul", qd, b.op("Transpose", kv, perm=[0, 1, 3, 2]))  # [B, Hkv, C*R, Lk_vis]
+    logits = b.op("Reshape", logits, b.cat(lead, lk_vis))                 # [B, Hkv, C, R, Lk_vis]
+    idx5 = b.op("Unsqueeze", idx, b.const([1, 3]))                         # [B, 1, C, 1, K]
+    kk = b.dim(idx, 2)
+    idx5 = b.op("Expand", idx5, b.cat(lead, kk))
+    picked = _softcap(b, b.op("GatherElements", logits, idx5, axis=4), softcap)
+    picked = b.op("Where", b.op("Unsqueeze", valid, b.const([1, 3])), picked,
+                  b.const(_NEG_INF, np.float32))
+    p = b.op("Softmax", picked, axis=-1)
+    dense_p = b.op("ScatterElements", b.op("ConstantOfShape", b.op("Shape", logits),
+                                           value=helper.make_tensor("z", TensorProto.FLOAT,
+                                                                    [1], [0.0])),
+                   idx5, p, axis=4)
+    dense_p = b.op("Reshape", dense_p, b.cat(two, b.const([-1]), lk_vis))
+    out = b.op("MatMul", dense_p, vv)                                      # [B, Hkv, C*R, Dv]
+    return b.op("Reshape", out, b.cat(lead, b.dim(v, 3)))
+
+
+def _softcap(b: _Body, logits: str, softcap: str) -> str:
+    """cap * tanh(logits / cap) when cap > 0, else logits (an If on the scalar attribute)."""
+    then_b = _Body(b.name("capped"))
+    capped = then_b.op("Mul", then_b.op("Tanh", then_b.op("Div", logits, softcap)), softcap)
+    else_b = _Body(b.name("plain"))
+    plain = else_b.op("Identity", logits)
+    return b.op("If", b.op("Greater", softcap, b.const(0.0, np.float32)),
+                then_branch=_graph(then_b, [], [capped]), else_branch=_graph(else_b, [], [plain]))
+
+
+def _graph(b: _Body, inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> onnx.GraphProto:
+    return helper.make_graph(b.nodes, b.name("graph"), inputs,
+                             [helper.make_empty_tensor_value_info(o) for o in outputs])
+
+
+# ---------------------------------------------------------------------------------------
+# Query-chunk loops
+# ---------------------------------------------------------------------------------------
+
+
+class _Dims:
+    """Dynamic sizes of the attention inputs, each int64 [1]."""
+
+    def __init__(self, b: _Body, q: str, k: str, v: str) -> None:
+        sq = b.op("Shape", q)
+        self.batch = b.op("Slice", sq, b.const([0]), b.const([1]))
+        self.hq = b.op("Slice", sq, b.const([1]), b.const([2]))
+        self.lq = b.op("Slice", sq, b.const([2]), b.const([3]))
+        self.d = b.op("Slice", sq, b.const([3]), b.const([4]))
+        self.hkv = b.dim(k, 1)
+        self.lk = b.dim(k, 2)
+        self.dv = b.dim(v, 3)
+        self.r = b.op("Div", self.hq, self.hkv)
+
+
+def _kv_rows(b: _Body, dims: _Dims, k: str, v: str) -> tuple[str, str, str]:
+    """K/V as row tables [B*Hkv*Lk, D] and each (batch, head)'s first row [B, Hkv, 1, 1]."""
+    k_rows = b.op("Reshape", k, b.cat(b.const([-1]), dims.d))
+    v_rows = b.op("Reshape", v, b.cat(b.const([-1]), dims.dv))
+    n = b.scalar(b.op("Mul", dims.batch, dims.hkv))
+    base = b.op("Mul", b.op("Range", b.const(0), n, b.const(1)), dims.lk)
+    row_base = b.op("Reshape", base, b.cat(dims.batch, dims.hkv, b.const([1, 1])))
+    return k_rows, v_rows, row_base
+
+
+def _grouped_queries(b: _Body, dims: _Dims, q: str, scale: str, padded: str) -> str:
+    """q [B, Hq, P, D] -> scale * q as [B, Hkv, P, R, D] (query heads grouped per KV head)."""
+    q = b.op("Mul", q, scale)
+    q = b.op("Reshape", q, b.cat(dims.batch, dims.hkv, dims.r, padded, dims.d))
+    return b.op("Transpose", q, perm=[0, 1, 3, 2, 4])
+
+
+def _ungroup(b: _Body, dims: _Dims, scanned: str, padded: str, rows: str, width: str | None) -> str:
+    """Loop scan output [N, B, Hkv, C, R(, W)] -> [B, Hq, rows(, W)]."""
+    if width is None:
+        x = b.op("Transpose", scanned, perm=[1, 2, 4, 0, 3])
+        x = b.op("Reshape", x, b.cat(dims.batch, dims.hq, padded))
+    else:
+        x = b.op("Transpose", scanned, perm=[1, 2, 4, 0, 3, 5])
+        x = b.op("Reshape", x, b.cat(dims.batch, dims.hq, padded, width))
+    return b.slice(x, b.const([0]), rows, 2)
+
+
+def _loop(b: _Body, trips: str, body: _Body, outputs: list[str]) -> list[str]:
+    """Loop ``trips`` (int64 [1]) times over ``body`` (which reads ``body.iter``)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [body.cond_in], [body.cond_out]), *body.nodes],
+        b.name("chunk_loop"),
+        [helper.make_tensor_value_info(body.iter, TensorProto.INT64, []),
+         helper.make_tensor_value_info(body.cond_in, TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(body.cond_out, TensorProto.BOOL, []),
+         *[helper.make_empty_tensor_value_info(o) for o in outputs]],
+    )
+    result = b.op("Loop", b.scalar(trips), "", outputs=len(outputs), hint="scan", body=graph)
+    return [result] if len(outputs) == 1 else result
+
+
+def _loop_body(b: _Body, chunk: str) -> tuple[_Body, str, str]:
+    """A Loop body builder with its chunk bounds: (body, start [1], end [1])."""
+    body = _Body(b.name("chunk"))
+    body.iter, body.cond_in = body.name("i"), body.name("cond")
+    body.cond_out = body.name("cond_out")
+    start = body.op("Mul", body.op("Unsqueeze", body.iter, body.const([0])), chunk)
+    return body, start, body.op("Add", start, chunk)
+
+
+def _select(body: _Body, scores: str, top_k: str, lk_vis: str) -> tuple[str, str, str]:
+    """TopK of each row: (indices int64 [B, C, K'], valid bool [B, C, K'], K' [1])."""
+    kk = body.op("Min", top_k, lk_vis)
+    vals, idx = body.op("TopK", scores, kk, outputs=2, axis=-1, largest=1, sorted=1)
+    valid = body.op("Not", body.op("IsInf", vals, detect_positive=0))
+    return idx, valid, kk
+
+
+def _indexer_chunk(body: _Body, lk: str, qi: str, wi: str, k_idx_t: str, key_pos: str,
+                   first_pos: str, start: str, end: str, causal: str):
+    """Index scores of the chunk's queries and the number of keys any of them can see."""
+    qpos = body.op("Add", first_pos, body.op("Range", body.scalar(start), body.scalar(end),
+                                             body.const(1)))
+    qpos = body.op("Unsqueeze", qpos, body.const([1]))                      # [C, 1]
+    last_visible = body.op("Add", first_pos, end)                            # keys < this
+    lk_vis = body.op("Where", causal, body.op("Min", lk, last_visible), lk)
+    qic = body.slice(qi, start, end, 1)
+    wc = body.slice(wi, start, end, 1)
+    scores = _index_scores(body, qic, k_idx_t, wc, lk_vis, qpos, causal, key_pos)
+    return scores, lk_vis
+
+
+def _indexer_inputs(b: _Body, q_idx: str, k_idx: str, w: str, first: str, rows_end: str,
+                    extra: str) -> tuple[str, str, str, str]:
+    """Rows first..rows_end of q_idx / w zero-padded by ``extra``, k_idx^T and key positions."""
+    qi = _pad_rows(b, b.slice(q_idx, first, rows_end, 1), 1, 4, extra)
+    wi = _pad_rows(b, b.slice(w, first, rows_end, 1), 1, 3, extra)
+    wi = b.op("Unsqueeze", wi, b.const([2]))                                 # [B, P, 1, H_I]
+    k_idx_t = b.op("Transpose", k_idx, perm=[0, 2, 1])                       # [B, d_I, Lk]
+    key_pos = b.op("Range", b.const(0), b.scalar(b.dim(k_idx, 1)), b.const(1))
+    return qi, wi, k_idx_t, key_pos
+
+
+def _sparse_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str) -> str:
+    """DSA attention (indexer -> TopK -> sparse attention) of query rows first..Lq.
+
+    Returns [B, Hq, Lq - first, Dv].
+    """
+    q, k, v, q_idx, k_idx, w = (ins[n] for n in ("q", "k", "v", "q_idx", "k_idx", "w"))
+    rows = b.op("Sub", dims.lq, first)
+    trips, padded = _chunk_count(b, rows, a["query_chunk"])
+    extra = b.op("Sub", padded, rows)
+    qs = _pad_rows(b, b.slice(q, first, dims.lq, 2), 2, 4, extra)
+    qg = _grouped_queries(b, dims, qs, a["scale"], padded)                  # [B, Hkv, P, R, D]
+    qi, wi, k_idx_t, key_pos = _indexer_inputs(b, q_idx, k_idx, w, first, dims.lq, extra)
+    k_rows, v_rows, row_base = _kv_rows(b, dims, k, v)
+    first_pos = b.op("Add", a["q_offset"], first)
+    causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
+
+    body, start, end = _loop_body(b, a["query_chunk"])
+    scores, lk_vis = _indexer_chunk(body, dims.lk, qi, wi, k_idx_t, key_pos, first_pos, start,
+                                    end, causal)
+    idx, valid, _ = _select(body, scores, a["top_k"], lk_vis)
+    qc = body.slice(qg, start, end, 2)                                       # [B, Hkv, C, R, D]
+    one = body.const([1])
+
+    def gathered(sub: _Body) -> str:
+        return _sparse_chunk(sub, qc, k_rows, v_rows, row_base, sub.op("Unsqueeze", idx, one),
+                             sub.op("Unsqueeze", valid, one), a["softcap"], with_lse=False)[0]
+
+    def masked_dense(sub: _Body) -> str:
+        return _masked_dense_chunk(sub, qc, k, v, idx, valid, lk_vis, a["softcap"])
+
+    short = body.op("LessOrEqual", lk_vis, body.const([GATHER_ABOVE_KEYS]))
+    out = body.op("If", body.scalar(short), then_branch=_branch(body, masked_dense),
+                  else_branch=_branch(body, gathered))
+    (scanned,) = _loop(b, trips, body, [out])
+    return _ungroup(b, dims, scanned, padded, rows, dims.dv)
+
+
+def _dense_rows(b: _Body, dims: _Dims, ins: dict, a: dict, n: str) -> str:
+    """Exact attention of query rows 0..n with opset-23 Attention: [B, Hq, n, Dv].
+
+    Only the rows that DSA itself sends to dense attention (at most
+    max(top_k, dense_below) visible keys) come here, so the [n, keys] mask is bounded
+    by the configuration, not by the sequence length.
+    """
+    zero = b.const([0])
+    causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
+    keys = b.op("Where", causal, b.op("Min", dims.lk, b.op("Add", a["q_offset"], n)), dims.lk)
+    qd = b.op("Mul", b.slice(ins["q"], zero, n, 2), a["scale"])
+    kd = b.slice(ins["k"], zero, keys, 2)
+    vd = b.slice(ins["v"], zero, keys, 2)
+    qpos = b.op("Add", a["q_offset"], b.op("Range", b.const(0), b.scalar(n), b.const(1)))
+    kpos = b.op("Range", b.const(0), b.scalar(keys), b.const(1))
+    visible = b.op("LessOrEqual", b.op("Unsqueeze", kpos, zero),
+                   b.op("Unsqueeze", qpos, b.const([1])))
+    mask = b.op("Or", visible, b.op("Not", causal))                          # [n, keys]
+    node = helper.make_node("Attention", [qd, kd, vd, mask], [b.name("dense")], scale=1.0)
+    node.attribute.append(helper.make_attribute_ref("softcap", AttributeProto.FLOAT,
+                                                    ref_attr_name="softcap"))
+    b.nodes.append(node)
+    return node.output[0]
+
+
+def _branch(b: _Body, build) -> tuple[onnx.GraphProto]:
+    sub = _Body(b.name("branch"))
+    out = build(sub)
+    return _graph(sub, [], [out])
+
+
+_ATTENTION_ATTRS = {"top_k": "int", "scale": "float", "causal": "int", "q_offset": "int",
+                    "softcap": "float", "dense_below": "int", "query_chunk": "int"}
+
+
+def attention_function() -> onnx.FunctionProto:
+    """``dsa.Attention(q, k, v, q_idx, k_idx, w) -> out``: one site's DSA attention.
+
+    Same semantics as ``torch.ops.dsa.attention`` without key_mask: the leading queries
+    with at most max(top_k, dense_below) visible keys (dense_below > 0) take exact
+    attention, the rest indexer top-k + sparse attention.
+    """
+    b = _Body("attn")
+    names = ["q", "k", "v", "q_idx", "k_idx", "w"]
+    ins = {n: n for n in names}
+    a = _attributes(b, _ATTENTION_ATTRS)
+    dims = _Dims(b, "q", "k", "v")
+    zero = b.const([0])
+    threshold = b.op("Where", b.op("Greater", a["dense_below"], zero),
+                     b.op("Max", a["top_k"], a["dense_below"]), zero)
+    causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
+    n_causal = b.op("Min", b.op("Max", b.op("Sub", threshold, a["q_offset"]), zero), dims.lq)
+    n_full = b.op("Where", b.op("LessOrEqual", dims.lk, threshold), dims.lq, zero)
+    n_dense = b.op("Where", causal, n_causal, n_full)
+
+    def mixed(sub: _Body) -> str:
+        dense = _dense_rows(sub, dims, ins, a, n_dense)
+        return sub.op("Concat", dense, _sparse_rows(sub, dims, ins, a, n_dense), axis=2)
+
+    def sparse_or_mixed(sub: _Body) -> str:
+        return sub.op("If", sub.scalar(sub.op("Equal", n_dense, zero)),
+                      then_branch=_branch(sub, lambda s: _sparse_rows(s, dims, ins, a, zero)),
+                      else_branch=_branch(sub, mixed))
+
+    out = b.op("If", b.scalar(b.op("Equal", n_dense, dims.lq)),
+               then_branch=_branch(b, lambda s: _dense_rows(s, dims, ins, a, dims.lq)),
+               else_branch=_branch(b, sparse_or_mixed))
+    b.nodes.append(helper.make_node("Identity", [out], ["out"]))
+    return _function("Attention", names, ["out"], b, _ATTENTION_ATTRS)
+
+
+_INDEXER_ATTRS = {"top_k": "int", "q_offset": "int", "causal": "int", "query_chunk": "int"}
+
+
+def indexer_topk_function() -> onnx.FunctionProto:
+    """``dsa.IndexerTopK(q_idx, k_idx, w) -> indices`` int32 [B, Lq, top_k] (ascending, -1 pad)."""
+    b = _Body("topk")
+    a = _attributes(b, _INDEXER_ATTRS)
+    zero = b.const([0])
+    lq = b.dim("q_idx", 1)
+    lk = b.dim("k_idx", 1)
+    trips, padded = _chunk_count(b, lq, a["query_chunk"])
+    extra = b.op("Sub", padded, lq)
+    qi, wi, k_idx_t, key_pos = _indexer_inputs(b, "q_idx", "k_idx", "w", zero, lq, extra)
+    causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
+
+    body, start, end = _loop_body(b, a["query_chunk"])
+    scores, lk_vis = _indexer_chunk(body, lk, qi, wi, k_idx_t, key_pos, a["q_offset"], start,
+                                    end, causal)
+    idx, valid, kk = _select(body, scores, a["top_k"], lk_vis)
+    # Ascending key order with unused slots last: park invalid slots at Lk, sort, mark -1.
+    parked = body.op("Where", valid, idx, lk)
+    asc, _ = body.op("TopK", parked, kk, outputs=2, axis=-1, largest=0, sorted=1)
+    asc = body.op("Where", body.op("Equal", asc, lk), body.const(-1), asc)
+    asc = _pad_rows(body, asc, 2, 3, body.op("Sub", a["top_k"], kk), body.const(-1))
+    asc = body.op("Cast", asc, to=TensorProto.INT32)
+    (scanned,) = _loop(b, trips, body, [asc])                               # [N, B, C, K]
+    x = b.op("Transpose", scanned, perm=[1, 0, 2, 3])
+    x = b.op("Reshape", x, b.cat(b.dim("q_idx", 0), padded, a["top_k"]))
+    b.nodes.append(helper.make_node("Slice", [x, zero, lq, b.const([1])], ["indices"]))
+    return _function("IndexerTopK", ["q_idx", "k_idx", "w"], ["indices"], b, _INDEXER_ATTRS)
+
+
+_SPARSE_ATTRS = {"scale": "float", "softcap": "float", "query_chunk": "int"}
+
+
+def sparse_attention_function() -> onnx.FunctionProto:
+    """``dsa.SparseAttention(q, k, v, indices) -> (out, lse)``; indices [B, G, Lq, K], -1 unused."""
+    b = _Body("sparse")
+    a = _attributes(b, _SPARSE_ATTRS)
+    dims = _Dims(b, "q", "k", "v")
+    trips, padded = _chunk_count(b, dims.lq, a["query_chunk"])
+    extra = b.op("Sub", padded, dims.lq)
+    qg = _grouped_queries(b, dims, _pad_rows(b, "q", 2, 4, extra), a["scale"], padded)
+    idx_all = _pad_rows(b, b.op("Cast", "indices", to=TensorProto.INT64), 2, 4, extra,
+                        b.const(-1))
+    k_rows, v_rows, row_base = _kv_rows(b, dims, "k", "v")
+
+    body, start, end = _loop_body(b, a["query_chunk"])
+    idx = body.slice(idx_all, start, end, 2)                                 # [B, G, C, K]
+    valid = body.op("GreaterOrEqual", idx, body.const(0))
+    idx = body.op("Max", idx, body.const(0))
+    qc = body.slice(qg, start, end, 2)
+    out, lse = _sparse_chunk(body, qc, k_rows, v_rows, row_base, idx, valid, a["softcap"],
+                             with_lse=True)
+    scanned_out, scanned_lse = _loop(b, trips, body, [out, lse])
+    b.nodes.append(helper.make_node(
+        "Identity", [_ungroup(b, dims, scanned_out, padded, dims.lq, dims.dv)], ["out"]))
+    b.nodes.append(helper.make_node(
+        "Identity", [_ungroup(b, dims, scanned_lse, padded, dims.lq, None)], ["lse"]))
+    return _function("SparseAttention", ["q", "k", "v", "indices"], ["out", "lse"], b,
+                     _SPARSE_ATTRS)
+
+
+# Defaults of the optional attributes (as in the schemas); top_k and scale are required.
+ATTRIBUTE_DEFAULTS = {"causal": 1, "q_offset": 0, "softcap": 0.0, "dense_below": 0,
+                      "query_chunk": DEFAULT_QUERY_CHUNK}
+
+
+def _function(name: str, inputs: list[str], outputs: list[str], b: _Body,
+              attrs: dict[str, str]) -> onnx.FunctionProto:
+    required = [a for a in attrs if a not in ATTRIBUTE_DEFAULTS]
+    defaults = [helper.make_attribute(a, ATTRIBUTE_DEFAULTS[a]) for a in attrs
+                if a in ATTRIBUTE_DEFAULTS]
+    return helper.make_function(DOMAIN, name, inputs, outputs, b.nodes,
+                                [helper.make_opsetid("", ONNX_OPSET)], attributes=required,
+                                attribute_protos=defaults,
+                                doc_string=f"dsa.{name} v{VERSION} in standard ONNX ops "
+                                           f"(query-chunked Loop; see dsa_compile.onnx).")
+
+
+def all_functions() -> dict[str, onnx.FunctionProto]:
+    """{op name: FunctionProto} for every dsa op."""
+    return {"Attention": attention_function(), "IndexerTopK": indexer_topk_function(),
+            "SparseAttention": sparse_attention_function()}
+
+
+_SIGNATURES = {
+    "Attention": (["q", "k", "v", "q_idx", "k_idx", "w"], ["out"]),
+    "IndexerTopK": (["q_idx", "k_idx", "w"], ["indices"]),
+    "SparseAttention": (["q", "k", "v", "indices"], ["out", "lse"]),
+}
+
+
+def op_model(op: str, **attrs) -> onnx.ModelProto:
+    """A model of one ``dsa.<op>`` node with its function: for tests and benchmarks.
+
+    Inputs and outputs are named as in the schema: float32 tensors, ``indices`` int32
+    (SparseAttention's input, IndexerTopK's output); ``lse`` float32; all dims dynamic.
+    """
+    inputs, outputs = _SIGNATURES[op]
+    attrs.setdefault("query_chunk", DEFAULT_QUERY_CHUNK)
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        dtype = TensorProto.INT32 if name == "indices" else TensorProto.FLOAT
+        return helper.make_tensor_value_info(name, dtype, None)
+
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, outputs, domain=DOMAIN, **attrs)], f"dsa_{op}",
+        [info(n) for n in inputs], [info(n) for n in outputs])
+    return helper.make_model(
+        graph, functions=[all_functions()[op]], ir_version=10,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, VERSION)])
