@@ -13,6 +13,7 @@ user's model), that runs eagerly and that ``torch.export`` /
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import fx, nn
@@ -65,7 +66,11 @@ def _capture(model, example_args) -> fx.GraphModule:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or ExportedProgram, got {type(model)}")
     args, kwargs = _split_args(example_args)
-    with torch.no_grad():
+    # nn.MultiheadAttention / nn.TransformerEncoder warn about a bool key_padding_mask
+    # next to a float attn_mask; let the warning move out of the graph instead of
+    # breaking it (export needs one graph).
+    logging = torch._dynamo.config.reorderable_logging_functions | {warnings.warn}
+    with torch.no_grad(), torch._dynamo.config.patch(reorderable_logging_functions=logging):
         gm, _ = torch._dynamo.export(model)(*args, **kwargs)
     return gm
 

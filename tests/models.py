@@ -182,3 +182,96 @@ class TrainingDropout(HandAttention):
         p = (q @ k.repeat_interleave(2, 1).transpose(-2, -1)).softmax(-1)
         p = F.dropout(p, 0.5, training=True)
         return (p @ v.repeat_interleave(2, 1)).transpose(1, 2).reshape(b, t, -1)
+
+
+class MHABlock(nn.Module):
+    """nn.MultiheadAttention called the ways models call it (the MHA pass tests drive these).
+
+    mask: 'none' | 'causal_bool' (triu of ones, built in forward) | 'causal_float'
+    (generate_square_subsequent_mask in forward) | 'causal_buffer' (a float buffer, sliced)
+    | 'input' (attn_mask is a forward argument) | 'alibi' (a float bias, not a mask) |
+    'per_head' (3-D [B * H, L, S]). padding: 'bool' passes key_padding_mask on, 'float'
+    turns it into 0 / -inf first. weights: 'off' (need_weights=False) | 'unused' (the
+    default need_weights=True, weights dropped) | 'averaged' / 'per_head' (returned).
+    ``cross``: keys and values come from ``memory`` (kdim/vdim from ``mha_kwargs``).
+    """
+
+    def __init__(self, dim=32, heads=4, batch_first=True, mask="none", padding="bool",
+                 weights="off", is_causal=False, cross=False, max_len=64, **mha_kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first, **mha_kwargs)
+        self.mask, self.padding, self.weights, self.is_causal, self.cross = (
+            mask, padding, weights, is_causal, cross)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(max_len))
+
+    def forward(self, x, key_padding_mask=None, attn_mask=None, memory=None):
+        kv = memory if self.cross else x
+        seq = 1 if self.attn.batch_first else 0
+        lq, lk = x.shape[seq], kv.shape[seq]
+        if self.mask == "causal_bool":
+            attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=x.device).triu(1)
+        elif self.mask == "causal_float":
+            attn_mask = nn.Transformer.generate_square_subsequent_mask(lq, device=x.device)
+        elif self.mask == "causal_buffer":
+            attn_mask = self.causal[:lq, :lk]
+        elif self.mask == "alibi":
+            pos = torch.arange(lq, device=x.device, dtype=x.dtype)
+            attn_mask = -(pos[None, :] - pos[:, None]).abs() * 0.5
+        elif self.mask == "per_head":
+            batch = x.shape[1 - seq]
+            attn_mask = torch.zeros(batch * self.attn.num_heads, lq, lk, device=x.device)
+        if self.padding == "float" and key_padding_mask is not None:
+            key_padding_mask = torch.zeros(key_padding_mask.shape, dtype=x.dtype).masked_fill(
+                key_padding_mask, float("-inf"))
+        out, w = self.attn(x, kv, kv, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                           need_weights=self.weights != "off", is_causal=self.is_causal,
+                           average_attn_weights=self.weights != "per_head")
+        return (out, w) if self.weights in ("averaged", "per_head") else out
+
+
+class NativeMHA(nn.Module):
+    """nn.MultiheadAttention's fused fast path, called directly (dynamo never takes it).
+
+    mask: 'padding' (mask_type 1) | 'causal_padding' (merge_masks' [B, H, L, L], type 2).
+    """
+
+    def __init__(self, dim=32, heads=4, mask="padding"):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mask = mask
+
+    def forward(self, x, key_padding_mask):
+        a = self.attn
+        pad = torch.zeros(key_padding_mask.shape, dtype=x.dtype).masked_fill(
+            key_padding_mask, float("-inf"))
+        causal = None
+        if self.mask == "causal_padding":
+            causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        mask, mask_type = a.merge_masks(causal, pad, x)
+        return torch._native_multi_head_attention(
+            x, x, x, a.embed_dim, a.num_heads, a.in_proj_weight, a.in_proj_bias,
+            a.out_proj.weight, a.out_proj.bias, mask, False, True, mask_type)[0]
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder; ``causal`` ('float': generate_square_subsequent_mask, 'bool':
+    triu of ones) builds the mask in forward and passes is_causal=True."""
+
+    def __init__(self, dim=32, heads=4, layers=2, batch_first=True, causal=None,
+                 norm_first=False, activation="relu", nested=False):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1,
+                                           activation=activation, batch_first=batch_first,
+                                           norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=nested)
+        self.batch_first, self.causal = batch_first, causal
+
+    def forward(self, x, key_padding_mask=None):
+        length = x.shape[1] if self.batch_first else x.shape[0]
+        mask = None
+        if self.causal == "float":
+            mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device)
+        elif self.causal == "bool":
+            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        return self.encoder(x, mask=mask, src_key_padding_mask=key_padding_mask,
+                            is_causal=mask is not None)

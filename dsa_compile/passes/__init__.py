@@ -13,6 +13,7 @@ from torch import fx
 from dsa_compile.config import DSAConfig
 from dsa_compile.passes.detect import find_sites, normalize_path
 from dsa_compile.passes.dsa_reference import find_reference_sites, rewrite_reference_site
+from dsa_compile.passes.mha import rewrite_mha_site
 from dsa_compile.passes.rewrite import COUNTERS, SiteRecord, record, rewrite_site, selected
 
 __all__ = ["COUNTERS", "SiteRecord", "normalize_path", "run_passes"]
@@ -47,6 +48,8 @@ def run_passes(gm: fx.GraphModule, config: DSAConfig, params: dict[str, torch.Te
         if not site.reason and rewrite:
             if site.kind == "dsa_reference":
                 rewrite_reference_site(gm, site)
+            elif site.kind in ("mha", "encoder_layer"):
+                rewrite_mha_site(gm, site, i, config, params)
             else:
                 rewrite_site(gm, site, i, config, params)
             COUNTERS[site.kind] += 1

@@ -1,12 +1,15 @@
 """Stage 1: find every dense attention in an FX graph and normalise it to a site.
 
-Two anchors cover all supported forms:
+Three anchors cover all supported forms:
 
 - an SDPA call (``F.scaled_dot_product_attention`` with any flags), and
 - a ``softmax`` over the last axis, walked backwards through casts, masks
   (add / masked_fill / where), scales (mul / div), an optional tanh soft-cap, down to
   ``matmul`` / ``bmm`` / ``einsum`` of q and k^T, and forwards through casts and
   eval-mode dropout to the ``matmul`` / ``einsum`` with v.
+
+- an nn.MultiheadAttention / fused nn.TransformerEncoderLayer call, which dynamo keeps
+  opaque (see :mod:`dsa_compile.passes.mha`).
 
 Then GQA repeats of k and v (repeat_kv's unsqueeze+expand+reshape, repeat_interleave)
 are stripped, because the DSA op takes Hkv heads directly. networkx proves that the
@@ -24,6 +27,7 @@ import networkx as nx
 import torch
 from torch.fx import Graph, Node
 
+from dsa_compile.passes import mha
 from dsa_compile.passes.masks import MaskInfo, classify_additive, classify_bool
 from dsa_compile.passes.normalize import arg, is_number, op_of, val, very_negative
 from dsa_compile.passes.site import AttentionSite, Operand, Reject
@@ -67,21 +71,19 @@ def find_sites(graph: Graph, lookup=lambda n: None) -> list[AttentionSite]:
     sites = []
     for node in graph.nodes:
         op = op_of(node)
-        kind = {"sdpa": "sdpa", "softmax": "softmax", "mha": "mha",
-                "encoder_layer_fastpath": "mha"}.get(op)
-        if kind is None:
+        if op not in ("sdpa", "softmax", "mha", "encoder_layer"):
             continue
-        site = AttentionSite(name=module_path(node), kind=kind, output=node)
+        site = AttentionSite(name=module_path(node), kind=op, output=node)
         try:
-            if kind == "sdpa":
+            if op == "sdpa":
                 _match_sdpa(site, node, lookup)
-            elif kind == "softmax":
+            elif op == "softmax":
                 if not _match_softmax(site, node, lookup, g):
                     continue
             else:
-                raise Reject("fused nn.MultiheadAttention / TransformerEncoderLayer fast path is "
-                             "opaque in the graph")
-            _finish(site)
+                mha.match(site, node, lookup)
+            if op in ("sdpa", "softmax"):
+                _finish(site)
         except Reject as e:
             site.reason = str(e)
         sites.append(site)

@@ -5,9 +5,19 @@ negation, as ``masked_fill`` drop-masks need). Each factor is then proven to be 
 
 - key padding, *by shape*: broadcast along the query and head axes, so it is a
   function of (batch, key) only; the DSA op takes it as ``key_mask [B, Lk]``;
-- positional, *by abstract interpretation*: built from ``arange`` and comparisons
-  (or a lower-triangular buffer), it evaluates to the half-plane ``k <= q + o``,
-  i.e. causal with query offset ``o``; a constant-True factor is dropped.
+- positional, *by abstract interpretation*: built from ``arange`` and comparisons,
+  ``tril`` / ``triu`` of ones (or a triangular buffer of the model), it evaluates to
+  the half-plane ``k <= q + o``, i.e. causal with query offset ``o``; a constant-True
+  factor is dropped.
+
+Additive masks (0 = keep, -inf = masked) are proven the same way, plus the forms
+nn.MultiheadAttention / nn.Transformer build: ``triu(full(-inf), 1)``
+(``generate_square_subsequent_mask``), ``zeros_like(m).masked_fill_(m, -inf)``
+(``F._canonical_mask``), and views that add unit axes or lay a ``[B, S]``
+``key_padding_mask`` out as ``[B, 1, 1, S]`` (``merge_masks``).
+
+Content is read only from the model's own parameters and buffers: a model input can
+hold another mask on the next call, so an input mask is never proven by its value.
 
 Anything else (a bias, a sliding window, a data-dependent pattern) raises
 :class:`Reject`. This is a proof for every input and every length, not a check on the
@@ -21,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dsa_compile.passes.normalize import (
     arg,
@@ -234,23 +245,51 @@ def _pos_eval(node, lookup: Callable):
         if isinstance(x, _Half) and a[1] == 0:
             return _Half(x.o, x.negated != (op == "eq"))
         raise Reject(f"{op} on non-triangular value")
-    if op == "tril":
-        return _Half(_int_const(arg(node, 1, "diagonal", 0)))
+    if op in ("tril", "triu"):
+        if _pos_eval(a[0], lookup) != _TRUE:
+            raise Reject(f"{op} of a tensor that is not all ones")
+        d = _int_const(arg(node, 1, "diagonal", 0))
+        # tril: True where k <= q + d; triu: True where k >= q + d, i.e. not k <= q + d - 1.
+        return _Half(d) if op == "tril" else _Half(d - 1, negated=True)
     if node.op in ("placeholder", "get_attr"):
-        return _tril_buffer(node, lookup)
+        return _triangular_buffer(node, lookup)
     raise Reject(f"unsupported op {op or node.target} in positional mask")
 
 
-def _tril_buffer(node: Node, lookup: Callable):
+def _model_state(node: Node) -> bool:
+    """A parameter or buffer of the model (get_attr, or a dynamo placeholder lifted from
+    one), as opposed to a model input."""
+    if node.op == "get_attr":
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else str(name)
+    return "._buffers[" in name or "._parameters[" in name
+
+
+def _state_tensor(node: Node, lookup: Callable) -> torch.Tensor:
+    """The real value of a model buffer; a model input is never read (it may change)."""
+    if node.op == "placeholder" and not _model_state(node):
+        raise Reject(f"'{node.name}' is a model input of unknown content (build the mask "
+                     "inside forward or keep it as a buffer)")
     t = lookup(node)
     if t is None or t.dim() < 2 or t.shape[-1] != t.shape[-2]:
-        raise Reject(f"'{node.name}' is an input tensor of unknown content")
+        raise Reject(f"'{node.name}' is a tensor of unknown content")
+    return t
+
+
+def _triangular_buffer(node: Node, lookup: Callable):
+    """A buffer that is nonzero exactly on and below the diagonal (keep), or exactly above
+    it (True = masked, as nn.MultiheadAttention's bool attn_mask)."""
+    t = _state_tensor(node, lookup)
     n = t.shape[-1]
     tril = torch.ones(n, n, dtype=torch.bool, device=t.device).tril()
     nz = (t != 0).reshape(-1, n, n)
-    if not bool((nz == tril).all()):
-        raise Reject(f"buffer '{node.name}' is not lower-triangular")
-    return _Half(0)
+    if bool((nz == tril).all()):
+        return _Half(0)
+    if bool((nz == ~tril).all()):
+        return _Half(0, negated=True)
+    raise Reject(f"buffer '{node.name}' is not triangular")
 
 
 def _slice_from_origin(node: Node, x):
@@ -329,8 +368,101 @@ def classify_additive(node, lookup: Callable) -> MaskInfo:
     topk = _topk_scatter(node)
     if topk is not None:
         return MaskInfo(topk=topk)
+    if op == "reshape" and isinstance(a[0], Node):
+        src, dst = val(a[0]), val(node)
+        if _adds_unit_axes(src, dst):
+            return classify_additive(a[0], lookup)
+        if _key_padding_view(src, dst):
+            return classify_key_padding(a[0])
+    if op in ("triu", "getitem") or node.op in ("placeholder", "get_attr"):
+        try:
+            return MaskInfo(causal=True, offset=_additive_causal(node, lookup))
+        except Reject as e:
+            raise Reject(f"additive term '{node.name}' is not provably a mask ({e})") from e
     raise Reject(f"additive term '{node.name}' ({op or node.target}) is not provably a mask "
                  "(a bias such as ALiBi stays dense)")
+
+
+def _additive_causal(node, lookup: Callable) -> int:
+    """Offset o of an additive causal mask: 0 where k <= q + o, very negative elsewhere."""
+    if not isinstance(node, Node):
+        raise Reject(f"constant {node!r}")
+    op = op_of(node)
+    if op in ("identity", "expand") or (op == "cast" and val(node.args[0]) is not None
+                                        and val(node.args[0]).is_floating_point()):
+        return _additive_causal(node.args[0], lookup)
+    if op == "getitem":
+        o = _additive_causal(node.args[0], lookup)
+        _slice_from_origin(node, _Half(o))
+        return o
+    if op == "triu":
+        base = node.args[0]
+        if isinstance(base, Node) and op_of(base) == "full" and \
+                very_negative(arg(base, 1, "fill_value")):
+            # -inf where k >= q + d: keep k <= q + d - 1 (generate_square_subsequent_mask).
+            return _int_const(arg(node, 1, "diagonal", 0)) - 1
+        raise Reject("triu of a tensor that is not full(-inf)")
+    if node.op in ("placeholder", "get_attr"):
+        t = _state_tensor(node, lookup)
+        n = t.shape[-1]
+        tril = torch.ones(n, n, dtype=torch.bool, device=t.device).tril()
+        t = t.reshape(-1, n, n)
+        if bool((t[:, tril] == 0).all()) and bool((t[:, ~tril] <= -1e4).all()):
+            return 0
+        raise Reject(f"buffer '{node.name}' is not a causal 0 / -inf mask")
+    raise Reject(f"unsupported op {op or node.target}")
+
+
+def _same(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def _adds_unit_axes(src, dst) -> bool:
+    """A view that only prepends size-1 axes ([L, S] -> [1, 1, L, S])."""
+    if src is None or dst is None or dst.dim() < src.dim():
+        return False
+    n = dst.dim() - src.dim()
+    return all(_same(s, 1) for s in dst.shape[:n]) and \
+        all(_same(s, t) for s, t in zip(dst.shape[n:], src.shape))
+
+
+def _key_padding_view(src, dst) -> bool:
+    """[B, S] -> [B, 1, 1, S], as MultiheadAttention.merge_masks lays out key padding."""
+    return src is not None and dst is not None and src.dim() == 2 and dst.dim() == 4 and \
+        _same(dst.shape[1], 1) and _same(dst.shape[2], 1) and \
+        _same(dst.shape[0], src.shape[0]) and _same(dst.shape[3], src.shape[1])
+
+
+def classify_key_padding(node) -> MaskInfo:
+    """MaskInfo of an nn.MultiheadAttention ``key_padding_mask`` [B, S]: bool with True =
+    padding, or the float 0 / -inf form that ``F._canonical_mask`` makes of one.
+
+    A float mask of other provenance may hold any per-key bias, so it is rejected.
+    """
+    v = val(node)
+    if v is None or v.dim() != 2:
+        raise Reject("key_padding_mask is not a [B, S] tensor")
+    if v.dtype == torch.bool:
+        return MaskInfo(key_factors=[KeyFactor(node, negate=True, batch_key=True)])
+    op, a = op_of(node), node.args
+
+    def bool_2d(m):
+        return val(m) is not None and val(m).dtype == torch.bool and val(m).dim() == 2
+
+    if op in ("identity", "expand") or (op == "cast" and val(a[0]) is not None
+                                        and val(a[0]).is_floating_point()):
+        return classify_key_padding(a[0])
+    if op == "masked_fill" and is_zero_tensor(a[0]) and very_negative(arg(node, 2, "value")) \
+            and bool_2d(a[1]):
+        return MaskInfo(key_factors=[KeyFactor(a[1], negate=True, batch_key=True)])
+    if op == "where" and bool_2d(a[0]):
+        x, y = arg(node, 1, "input"), arg(node, 2, "other")
+        if very_negative(x) and is_zero_tensor(y):
+            return MaskInfo(key_factors=[KeyFactor(a[0], negate=True, batch_key=True)])
+        if is_zero_tensor(x) and very_negative(y):
+            return MaskInfo(key_factors=[KeyFactor(a[0], negate=False, batch_key=True)])
+    raise Reject(f"float key_padding_mask '{node.name}' is not provably 0 / -inf "
+                 "(pass a bool mask)")
 
 
 def _topk_scatter(node: Node) -> Node | None:

@@ -39,10 +39,10 @@ _FUNCTIONS = {
     torch.zeros: "zeros", torch.zeros_like: "zeros", torch.full: "full",
     torch.topk: "topk", torch.scatter: "scatter", F.relu: "relu", torch.relu: "relu",
     torch.sum: "sum", operator.neg: "neg", torch.neg: "neg", torch.diff: "diff",
-    torch.cumsum: "cumsum", torch.tril: "tril",
+    torch.cumsum: "cumsum", torch.tril: "tril", torch.triu: "triu",
     F.multi_head_attention_forward: "mha",
-    torch._transformer_encoder_layer_fwd: "encoder_layer_fastpath",
     torch._native_multi_head_attention: "mha",
+    torch._transformer_encoder_layer_fwd: "encoder_layer",
 }
 
 _METHODS = {
@@ -51,12 +51,15 @@ _METHODS = {
     "swapaxes": "transpose", "logical_and": "and", "bitwise_and": "and", "__and__": "and",
     "logical_or": "or", "bitwise_or": "or", "logical_not": "not", "bitwise_not": "not",
     "new_ones": "ones", "expand_as": "expand", "view": "reshape",
+    # F._canonical_mask's zeros_like(m).masked_fill_(m, -inf): same value as out of place.
+    "masked_fill_": "masked_fill",
 }
 
 _ATEN = {
     "_softmax": "softmax", "scaled_dot_product_attention": "sdpa", "bitwise_and": "and",
     "logical_and": "and", "bitwise_not": "not", "logical_not": "not", "_to_copy": "cast",
     "bitwise_or": "or", "logical_or": "or", "view": "reshape", "bmm": "matmul",
+    "_native_multi_head_attention": "mha", "_transformer_encoder_layer_fwd": "encoder_layer",
 }
 
 

@@ -28,7 +28,8 @@ from dsa_compile.passes.normalize import val
 from dsa_compile.passes.site import AttentionSite, Operand
 
 COUNTERS: Counter = Counter()
-"""Rewrites per kind ('sdpa', 'softmax', 'dsa_reference') and 'rejected', like Inductor's."""
+"""Rewrites per kind ('sdpa', 'softmax', 'mha', 'encoder_layer', 'dsa_reference') and
+'rejected', like Inductor's."""
 
 
 @dataclasses.dataclass
@@ -84,10 +85,14 @@ def _key_mask(g: fx.Graph, site: AttentionSite, q: Node, k: Node) -> Node | None
     for f in site.key_factors:
         nd = val(f.node).dim()
         m = f.node
-        if nd < 4:
-            m = g.call_function(operator.getitem, (m, (None,) * (4 - nd) + (slice(None),) * nd))
-        m = g.call_method("expand", (m, batch, 1, 1, keys))
-        m = g.call_function(operator.getitem, (m, (slice(None), 0, 0, slice(None))))
+        if f.batch_key:
+            m = g.call_method("expand", (m, batch, keys))
+        else:
+            if nd < 4:
+                m = g.call_function(operator.getitem,
+                                    (m, (None,) * (4 - nd) + (slice(None),) * nd))
+            m = g.call_method("expand", (m, batch, 1, 1, keys))
+            m = g.call_function(operator.getitem, (m, (slice(None), 0, 0, slice(None))))
         if val(f.node).dtype != torch.bool:
             m = g.call_function(operator.ne, (m, 0))
         if f.negate:
@@ -96,26 +101,34 @@ def _key_mask(g: fx.Graph, site: AttentionSite, q: Node, k: Node) -> Node | None
     return g.call_method("contiguous", (mask,))
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, index: int, config: DSAConfig,
-                 params: dict[str, torch.Tensor]) -> None:
-    """Replace one accepted site in ``gm`` (see module doc)."""
+def emit_attention(gm: fx.GraphModule, site: AttentionSite, q: Node, k: Node, v: Node,
+                   index: int, config: DSAConfig, params: dict[str, torch.Tensor],
+                   device: torch.device) -> Node:
+    """Indexer + ``dsa.attention`` on canonical q [B, Hq, Lq, D], k [B, Hkv, Lk, D],
+    v [B, Hkv, Lk, Dv] nodes, at the graph's insertion point; returns [B, Hq, Lq, Dv]."""
     g = gm.graph
     fqns, tensors = anchors_for(site.name, params)
-    device = val(site.q.node).device
     indexer = REGISTRY.get_or_create(site.name, fqns, tensors, site.num_q_heads,
                                      site.num_kv_heads, site.head_dim, config, device)
     sub = f"dsa_indexer_{index}"
     gm.add_submodule(sub, indexer)
+    idx = g.call_module(sub, (q, k))
+    q_idx, k_idx, w = (g.call_function(operator.getitem, (idx, i)) for i in range(3))
+    key_mask = _key_mask(g, site, q, k)
+    softcap = config.softcap or site.softcap
+    return g.call_function(torch.ops.dsa.attention.default, (
+        q, k, v, q_idx, k_idx, w, config.top_k, float(site.scale), bool(site.causal),
+        site.q_offset, key_mask, float(softcap), config.dense_below))
+
+
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, index: int, config: DSAConfig,
+                 params: dict[str, torch.Tensor]) -> None:
+    """Replace one accepted site in ``gm`` (see module doc)."""
+    g = gm.graph
     out_dtype = val(site.output).dtype
     with g.inserting_before(site.output):
         q, k, v = (_operand(g, o) for o in (site.q, site.k, site.v))
-        idx = g.call_module(sub, (q, k))
-        q_idx, k_idx, w = (g.call_function(operator.getitem, (idx, i)) for i in range(3))
-        key_mask = _key_mask(g, site, q, k)
-        softcap = config.softcap or site.softcap
-        out = g.call_function(torch.ops.dsa.attention.default, (
-            q, k, v, q_idx, k_idx, w, config.top_k, float(site.scale), bool(site.causal),
-            site.q_offset, key_mask, float(softcap), config.dense_below))
+        out = emit_attention(gm, site, q, k, v, index, config, params, val(site.q.node).device)
         if site.squeeze0:
             out = g.call_method("squeeze", (out, 0))
         if site.out_perm is not None:

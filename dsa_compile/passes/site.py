@@ -27,10 +27,15 @@ class Operand:
 
 @dataclasses.dataclass
 class KeyFactor:
-    """A bool (or 0/1) tensor broadcastable to [B, 1, 1, Lk]; ``negate``: True = masked."""
+    """A bool (or 0/1) tensor broadcastable to [B, 1, 1, Lk]; ``negate``: True = masked.
+
+    ``batch_key``: the tensor is laid out [B, Lk] instead (nn.MultiheadAttention's
+    ``key_padding_mask``).
+    """
 
     node: Node
     negate: bool = False
+    batch_key: bool = False
 
 
 @dataclasses.dataclass
