@@ -83,11 +83,18 @@ def select_topk(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """
     lk = scores.shape[-1]
     k = min(top_k, lk)
-    # A stable descending sort keeps the smaller index first among equal scores.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    valid = torch.gather(scores, -1, order) > float("-inf")
-    order = torch.where(valid, order, torch.full_like(order, lk))  # invalid sort last
-    order = torch.sort(order, dim=-1).values
+    # The k-th largest value is unique even when its key is not: take every key above
+    # it, then the first (smallest-index) keys equal to it until the row holds k.
+    kth = torch.topk(scores, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = scores > kth
+    tied = (scores == kth) & (scores > float("-inf"))
+    need = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= need))
+    # Chosen keys keep their position, the rest sort after every key: the k smallest
+    # positions are the chosen keys in ascending order, then the padding.
+    pos = torch.arange(lk, device=scores.device).expand_as(scores)
+    pos = torch.where(chosen, pos, torch.full_like(pos, lk))
+    order = torch.topk(pos, k, dim=-1, largest=False, sorted=True).values
     order = torch.where(order == lk, torch.full_like(order, -1), order)
     if k < top_k:
         pad = order.new_full((*order.shape[:-1], top_k - k), -1)

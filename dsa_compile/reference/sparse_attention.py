@@ -8,14 +8,21 @@ For query t of head h (KV head g = h // (Hq // Hkv)), with S_t the valid entries
 
 A query with no valid key gets out = 0 and lse = -inf. Chunked over queries: memory
 is O(chunk * top_k * D), never O(Lq * Lk).
+
+Two evaluations of the same formula, picked per call: gathering the selected K/V rows
+(long keys), or, when the keys the chunk can select are few (at most
+``DENSE_GEMM_RATIO * top_k``), dense GEMMs over them with every unselected key masked --
+far faster on CPU at short length, where row gathers cost more than the extra math.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Elements of the gathered [B, Hkv, C, top_k, D] keys kept in memory at once.
+# Elements of the gathered [B, Hkv, C, top_k, D] keys (or of the [B, Hq, C, keys] scores
+# on the GEMM path) kept in memory at once.
 _CHUNK_ELEMENTS = 1 << 23
+DENSE_GEMM_RATIO = 8
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -37,6 +44,46 @@ def _chunk_probs(q, k, indices, scale, softcap):
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~valid[:, :, None], float("-inf"))
     return s, valid
+
+
+def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
+    """(out, lse) from masked scores ``s`` [..., keys] (-inf = not attended)."""
+    lse = torch.logsumexp(s, dim=-1)
+    # Clamping -inf (no valid key) keeps exp(-inf - lse) at 0 instead of NaN.
+    p = torch.exp(s - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
+    return torch.einsum(eq, p, v_rows), lse
+
+
+def _chunk_gathered(q, k, v, idx, scale, softcap):
+    """q [B, Hkv, R, C, D], idx [B, G, C, K]: gather the K selected rows of k and v."""
+    s, _ = _chunk_probs(q, k, idx, scale, softcap)
+    vg = _gather_rows(v, idx.clamp_min(0).long())
+    return _softmax_out(s, vg, "bgrck,bgcke->bgrce")
+
+
+def _reach(indices: torch.Tensor, lk: int) -> int:
+    """1 + the largest selected key (0 if none); ``lk`` when tracing, where the value
+    is data-dependent and unknowable."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(indices) or indices.numel() == 0:
+        return lk if indices.numel() else 0
+    return int(indices.max()) + 1
+
+
+def _chunk_dense(q, k, v, idx, scale, softcap):
+    """Same result as :func:`_chunk_gathered` from dense GEMMs over the keys up to the
+    chunk's last selected one, every unselected key masked to -inf."""
+    reach = _reach(idx, k.shape[2])
+    kr, vr = k[:, :, :reach], v[:, :, :reach]
+    s = torch.einsum("bgrcd,bgkd->bgrck", q, kr) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    slot = torch.where(idx >= 0, idx, reach).long()  # -1 slots land in a spare column
+    chosen = torch.zeros((*idx.shape[:-1], reach + 1), dtype=torch.bool, device=idx.device)
+    chosen.scatter_(-1, slot, True)
+    s = s.masked_fill(~chosen[:, :, None, :, :reach], float("-inf"))  # G broadcasts to Hkv
+    return _softmax_out(s, vr, "bgrck,bgke->bgrce")
 
 
 def _query_chunk(b: int, hkv: int, k: int, d: int) -> int:
@@ -70,21 +117,25 @@ def sparse_attention(
     topk = indices.shape[-1]
     qf = q.float().view(b, hkv, r, lq, d)
     kf, vf = k.float(), v.float()
-    chunk = _query_chunk(b, hkv, topk, max(d, v.shape[-1]))
+    # Keys past the last selected one are never needed (causal rows select a prefix).
+    reach = _reach(indices, k.shape[2])
+    if reach <= DENSE_GEMM_RATIO * topk:
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hq * max(reach, 1)))
+    else:
+        chunk = _query_chunk(b, hkv, topk, max(d, v.shape[-1]))
     # Outputs are allocated once and filled per chunk: small long-lived allocations between
     # the per-chunk buffers would fragment the heap and grow RSS chunk after chunk.
     out = q.new_empty((b, hkv, r, lq, v.shape[-1]), dtype=torch.float32)
     lse = q.new_empty((b, hkv, r, lq), dtype=torch.float32)
     for s0 in range(0, lq, chunk):
         idx = indices[:, :, s0 : s0 + chunk]
-        s, valid = _chunk_probs(qf[:, :, :, s0 : s0 + chunk], kf, idx, scale, softcap)
-        lse_c = torch.logsumexp(s, dim=-1)  # [B, Hkv, R, C]
-        # Clamping -inf (no valid key) keeps exp(-inf - lse) at 0 instead of NaN.
-        p = torch.exp(s - lse_c.clamp_min(torch.finfo(torch.float32).min)[..., None])
-        del s
-        vg = _gather_rows(vf, idx.clamp_min(0).long())
-        out[:, :, :, s0 : s0 + chunk] = torch.einsum("bgrck,bgcke->bgrce", p, vg)
-        lse[:, :, :, s0 : s0 + chunk] = lse_c
+        qc = qf[:, :, :, s0 : s0 + chunk]
+        if reach <= DENSE_GEMM_RATIO * topk:
+            o, l_ = _chunk_dense(qc, kf, vf, idx, scale, softcap)
+        else:
+            o, l_ = _chunk_gathered(qc, kf, vf, idx, scale, softcap)
+        out[:, :, :, s0 : s0 + chunk] = o
+        lse[:, :, :, s0 : s0 + chunk] = l_
     out = out.reshape(b, hq, lq, v.shape[-1])
     lse = lse.reshape(b, hq, lq)
     return out.to(q.dtype), lse
