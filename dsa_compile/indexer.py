@@ -227,10 +227,10 @@ class Indexer(nn.Module):
         gives calibration a sensible start."""
         b, hq, lq, d = q.shape
         lk = k.shape[2]
-        pos = torch.linspace(lq // 2, lq - 1, min(rows, lq - lq // 2)).long()
+        pos = torch.linspace(lq // 2, lq - 1, min(rows, lq - lq // 2), device=q.device).long()
         qr = q[:, :, pos].float()
         off = lk - lq
-        visible = torch.arange(lk)[None, :] <= (pos + off)[:, None]
+        visible = torch.arange(lk, device=q.device)[None, :] <= (pos + off)[:, None]
         logits = torch.einsum("bgrqd,bgkd->bgrqk",
                               qr.reshape(b, self.num_kv_heads, -1, len(pos), d), k.float())
         logits = (logits * d ** -0.5).masked_fill(~visible, float("-inf"))

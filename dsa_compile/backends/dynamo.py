@@ -92,11 +92,11 @@ def fit_new_indexers(gm: fx.GraphModule, example_inputs) -> None:
     todo = [m for m in gm.modules() if isinstance(m, Indexer) and not m.fitted]
     if not todo:
         return
-    inputs = [x for x in example_inputs if isinstance(x, torch.Tensor)]
-    if any(isinstance(x, FakeTensor) for x in inputs) or _mutates(gm):
-        warnings.warn("dsa: cannot run the graph on the example inputs to fit the indexers; "
-                      "they start from data-free projections. Run the model once eagerly "
-                      "through dsa_compile.apply, or calibrate it.", stacklevel=3)
+    # With dynamic shapes the sizes arrive as SymInts; their hints are the real sizes
+    # (reading a hint adds no guard, so the compile stays dynamic).
+    inputs = [_hint(x) for x in example_inputs]
+    if any(isinstance(x, FakeTensor) or x is None for x in inputs) or _mutates(gm):
+        _warn_unfitted("cannot run the graph on the example inputs")
         return
 
     def fit_hook(indexer: Indexer, args):
@@ -107,7 +107,11 @@ def fit_new_indexers(gm: fx.GraphModule, example_inputs) -> None:
     handles = [m.register_forward_pre_hook(fit_hook) for m in todo]
     try:
         with torch.no_grad():
-            fx.Interpreter(gm).run(*example_inputs)
+            fx.Interpreter(gm).run(*inputs)
+    except Exception as e:  # a failed fit must not cost the user the rewrite
+        _warn_unfitted(f"running the graph to fit the indexers failed ({type(e).__name__}: "
+                       f"{str(e)[:200]})")
+        return
     finally:
         for h in handles:
             h.remove()
@@ -115,6 +119,19 @@ def fit_new_indexers(gm: fx.GraphModule, example_inputs) -> None:
         warnings.warn(f"dsa: inputs shorter than {FIT_MIN_TOKENS} tokens, indexers start from "
                       "data-free projections; a later compile for longer inputs fits them",
                       stacklevel=3)
+
+
+def _hint(x):
+    """A SymInt/SymFloat/SymBool's concrete value (None if it has none); others as is."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return x.node.hint
+    return x
+
+
+def _warn_unfitted(why: str) -> None:
+    warnings.warn(f"dsa: {why}; the new indexers start from data-free projections, which "
+                  "select poorly. Run the model once through dsa_compile.apply on real "
+                  "inputs, or calibrate / load_indexers before compiling.", stacklevel=4)
 
 
 def _mutates(gm: fx.GraphModule) -> bool:
