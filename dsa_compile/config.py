@@ -6,6 +6,14 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+DENSE_BELOW_DEFAULT = 131072
+"""Default ``dense_below``: on an H200 (benchmarks/RESULTS.md, attention_layer.py, bf16,
+32/8 heads, D=128, top_k=2048) the DSA kernels were slower than SDPA at every length up
+to 128K (0.65x there), so every query up to 128K visible keys stays dense and the DSA
+model is never slower than dense in that range. Pass ``dense_below=0`` for sparsity at
+any length (quality studies, memory), or a smaller value once faster kernels move the
+crossover down."""
+
 
 @dataclasses.dataclass(frozen=True)
 class DSAConfig:
@@ -19,6 +27,8 @@ class DSAConfig:
         dense_below: a query whose visible keys number at most
             ``max(top_k, dense_below)`` uses dense attention (exact, and faster at short
             length). ``0`` turns every dense fallback off and forces the sparse path.
+            The default is the measured speed crossover of the current kernels
+            (:data:`DENSE_BELOW_DEFAULT`).
         sites: module-path patterns (fnmatch) of the attention sites to convert;
             ``None`` converts every site the passes can prove safe.
         exclude: module-path patterns never to convert.
@@ -30,7 +40,7 @@ class DSAConfig:
     top_k: int = 2048
     index_heads: int | None = None
     index_dim: int | None = None
-    dense_below: int = 8192
+    dense_below: int = DENSE_BELOW_DEFAULT
     sites: Sequence[str] | None = None
     exclude: Sequence[str] = ()
     softcap: float = 0.0
