@@ -27,14 +27,25 @@ def visible_mask(
 
 
 def _chunk_scores(q_idx, k_idx, w, start, q_offset, causal, key_mask) -> torch.Tensor:
-    """Index scores for one chunk of queries: [B, C, Lk] float32, -inf where masked."""
-    dots = torch.einsum("bchd,bsd->bchs", q_idx.float(), k_idx.float())
-    scores = torch.einsum("bchs,bch->bcs", torch.relu(dots), w.float())
-    vis = visible_mask(q_idx.shape[1], k_idx.shape[1], q_offset, causal, q_idx.device, start)
+    """Index scores for one chunk of queries: [B, C, Lk'] float32, -inf where masked.
+
+    With ``causal`` only the keys some query of the chunk can see are scored
+    (Lk' = min(Lk, q_offset + start + C)); later keys would be -inf anyway.
+    """
+    b, c, h, d = q_idx.shape
+    lk = k_idx.shape[1]
+    if causal:
+        lk = max(0, min(lk, q_offset + start + c))
+    # Plain matmuls on contiguous views: [B, C*H, d] @ [B, d, Lk'] -> [B, C, H, Lk'], then
+    # the head weights contract H as [B*C, 1, H] @ [B*C, H, Lk'].
+    dots = torch.matmul(q_idx.float().reshape(b, c * h, d), k_idx[:, :lk].float().transpose(1, 2))
+    dots = torch.relu_(dots).view(b * c, h, lk)
+    scores = torch.matmul(w.float().reshape(b * c, 1, h), dots).view(b, c, lk)
+    vis = visible_mask(c, lk, q_offset, causal, q_idx.device, start)
     if vis is not None:
-        scores = scores.masked_fill(~vis[None], float("-inf"))
+        scores = scores.masked_fill_(~vis[None], float("-inf"))
     if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, :], float("-inf"))
+        scores = scores.masked_fill_(~key_mask[:, None, :lk], float("-inf"))
     return scores
 
 
@@ -64,13 +75,14 @@ def indexer_scores(
         float32 [B, Lq, Lk], -inf where the key is not visible. Differentiable.
     """
     b, lq, h, _ = q_idx.shape
-    chunk = _query_chunk(b, h, k_idx.shape[1])
-    parts = [
-        _chunk_scores(
+    lk = k_idx.shape[1]
+    chunk = _query_chunk(b, h, lk)
+    parts = []
+    for s in range(0, lq, chunk):
+        part = _chunk_scores(
             q_idx[:, s : s + chunk], k_idx, w[:, s : s + chunk], s, q_offset, causal, key_mask
         )
-        for s in range(0, lq, chunk)
-    ]
+        parts.append(torch.nn.functional.pad(part, (0, lk - part.shape[-1]), value=float("-inf")))
     return torch.cat(parts, dim=1)
 
 
@@ -83,23 +95,30 @@ def select_topk(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """
     lk = scores.shape[-1]
     k = min(top_k, lk)
-    # The k-th largest value is unique even when its key is not: take every key above
-    # it, then the first (smallest-index) keys equal to it until the row holds k.
-    kth = torch.topk(scores, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    above = scores > kth
-    tied = (scores == kth) & (scores > float("-inf"))
-    need = k - above.sum(-1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(-1) <= need))
-    # Chosen keys keep their position, the rest sort after every key: the k smallest
-    # positions are the chosen keys in ascending order, then the padding.
-    pos = torch.arange(lk, device=scores.device).expand_as(scores)
-    pos = torch.where(chosen, pos, torch.full_like(pos, lk))
-    order = torch.topk(pos, k, dim=-1, largest=False, sorted=True).values
+    vals, order = torch.topk(scores, k, dim=-1)
+    # torch.topk may break a tie at the k-th value either way: rows where the k-th value
+    # also occurs outside the selection are redone with the exact tie rule.
+    kth = vals[..., -1:]
+    finite = kth > float("-inf")
+    ties = (scores == kth).sum(-1, keepdim=True) > (vals == kth).sum(-1, keepdim=True)
+    crossing = finite & ties
+    if crossing.any():
+        rows = crossing[..., 0]
+        order[rows] = _topk_smaller_index_on_ties(scores[rows], k)
+        vals[rows] = torch.gather(scores[rows], -1, order[rows])
+    order = torch.where(vals > float("-inf"), order, torch.full_like(order, lk))
+    order = torch.sort(order, dim=-1).values  # ascending keys, unused slots (lk) last
     order = torch.where(order == lk, torch.full_like(order, -1), order)
     if k < top_k:
         pad = order.new_full((*order.shape[:-1], top_k - k), -1)
         order = torch.cat([order, pad], dim=-1)
     return order.to(torch.int32)
+
+
+def _topk_smaller_index_on_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest of ``scores`` [..., Lk], the smaller index first
+    among equal values (order within the result unspecified)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def indexer_topk(
