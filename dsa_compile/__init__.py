@@ -25,9 +25,9 @@ from dsa_compile.config import DSAConfig
 _LAZY = {
     "apply": "dsa_compile.api",
     "explain": "dsa_compile.api",
-    "calibrate": "dsa_compile.calibrate",
-    "save_indexers": "dsa_compile.calibrate",
-    "load_indexers": "dsa_compile.calibrate",
+    "calibrate": "dsa_compile.calibration",
+    "save_indexers": "dsa_compile.calibration",
+    "load_indexers": "dsa_compile.calibration",
     "selection_recall": "dsa_compile.metrics",
 }
 

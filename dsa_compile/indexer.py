@@ -25,7 +25,7 @@ orthogonal projections. The bias dimension (k = 1, q = c >= 0) lifts the logits 
 zero so ReLU does not flatten the useful part of the ranking.
 
 Measured on SmolLM2-135M-Instruct, L = 2048, top_k = 256, Python reference manual text
-(see examples/demo.py and the report in dsa_compile/calibrate.py):
+(see examples/demo.py and the report in dsa_compile/calibration.py):
 
 | indexer (cost 144 = 1/4 of QK^T per pair)         | perplexity | vs dense 11.707 |
 |---------------------------------------------------|------------|-----------------|

@@ -111,7 +111,7 @@ def selection_recall(model: nn.Module, batches: Iterable, config: DSAConfig | No
     Returns a :class:`RecallReport` (sites in call order). Raises ValueError when no
     batch is long enough for any query to see more than top_k keys.
     """
-    from dsa_compile.calibrate import capture_sites
+    from dsa_compile.calibration import capture_sites
 
     config = config or DSAConfig()
     sites, _ = capture_sites(model, batches, config)

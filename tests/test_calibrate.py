@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dsa_compile.calibrate import calibrate, kl_on, load_indexers, save_indexers
+from dsa_compile.calibration import calibrate, kl_on, load_indexers, save_indexers
 from dsa_compile.config import DSAConfig
 from dsa_compile.evaluation import attention_override
 from dsa_compile.indexer import REGISTRY
@@ -124,3 +124,14 @@ def test_missing_site_raises(tmp_path):
 def test_no_attention_site_raises():
     with pytest.raises(ValueError, match="no F.scaled_dot_product_attention"):
         calibrate(torch.nn.Linear(4, 4), [torch.randn(2, 4)], CFG, steps=1, progress=False)
+
+
+def test_public_names_resolve_to_functions_every_time():
+    """The lazy public API must not be shadowed by a submodule of the same name."""
+    import dsa_compile
+
+    for _ in range(2):
+        for name in ("calibrate", "save_indexers", "load_indexers", "apply", "explain",
+                     "selection_recall"):
+            assert callable(getattr(dsa_compile, name)) and not isinstance(
+                getattr(dsa_compile, name), type(dsa_compile)), name
