@@ -184,3 +184,17 @@ def test_full_selection_equals_dense_attention():
     dense, dense_lse = reference.dense_attention(q, k, v, d**-0.5, True, lk - lq, key_mask)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, dense_lse)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_value_head_size_may_differ(path, monkeypatch):
+    sa = __import__("dsa_compile.reference.sparse_attention", fromlist=["x"])
+    monkeypatch.setattr(sa, "DENSE_GEMM_RATIO", PATHS[path][0])
+    monkeypatch.setattr(sa, "FUSED_RATIO", PATHS[path][1])
+    q, k, v = torch.randn(1, 4, 9, 64), torch.randn(1, 2, 9, 64), torch.randn(1, 2, 9, 32)
+    indices = reference.indexer_topk(*make_indexer_inputs(1, 9, 9), 4)[:, None]
+    out, lse = reference.sparse_attention(q, k, v, indices, 0.125)
+    want_out, want_lse = naive_sparse_attention(q, k, v, indices, 0.125)
+    assert out.shape == (1, 4, 9, 32)
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-4)

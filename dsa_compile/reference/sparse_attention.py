@@ -116,6 +116,7 @@ def _use_fused(q, k, v, indices, softcap) -> bool:
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return (softcap == 0 and q.device.type == "cpu" and not grad
+            and q.shape[-1] == v.shape[-1]  # the kernel wants one head size for q, k, v
             and not any(is_fake(t) for t in (q, k, v, indices)))
 
 
