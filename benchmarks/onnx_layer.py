@@ -2,18 +2,28 @@
 
     python benchmarks/onnx_layer.py                 # L = 8192, top_k = 512
     python benchmarks/onnx_layer.py --lengths 2048 4096 8192 --csv out/onnx_layer.csv
+    python benchmarks/onnx_layer.py --variants dense dsa dsa_dense   # + exact dense rows
+    python benchmarks/onnx_layer.py --profile        # where the dsa time goes (ORT profiler)
+    python benchmarks/onnx_layer.py --interleaved    # one process, variants run in turns
 
 Layer: 9 query heads, 3 KV heads, head dim 64, causal; the indexer has the default
 shape of :class:`dsa_compile.indexer.Indexer` for it (H_I = 3, d_I = 48).
 
-- dsa:   one ``dsa.Attention`` node run through its model-local function (stock ORT).
-- dense: one standard opset-23 ``Attention`` node (is_causal = 1) on the same q, k, v.
+- dsa:       one ``dsa.Attention`` node (dense_below = 0: every query sparse) run through
+             its model-local function (stock ORT).
+- dense:     one standard opset-23 ``Attention`` node (is_causal = 1) on the same q, k, v.
+- dsa_dense: the same ``dsa.Attention`` node with dense_below = L, so every query takes
+             exact dense attention through the function's query-chunked GEMM path.
 
 Each variant runs in its own subprocess so that its peak resident memory (VmHWM above
 the RSS before the first run) is its own; the variants alternate for ``--rounds`` rounds
-and each keeps its best time. The script refuses to report a speedup unless the dsa
-file matches ``torch.ops.dsa.attention`` (1e-4, fp32) and the dense file matches SDPA
-at a checking length first.
+and each keeps its best time. On a loaded machine the subprocesses see different load;
+``--interleaved`` instead runs every variant in one process, one run each in turn, so
+bursts of load hit all of them alike (times only, no memory column).
+
+The script refuses to report a speedup unless the dsa file matches
+``torch.ops.dsa.attention`` (1e-4, fp32) and the dense files match SDPA at a checking
+length first.
 """
 
 from __future__ import annotations
@@ -55,11 +65,20 @@ def dense_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
 
 
-def dsa_model(top_k: int, query_chunk: int | None):
+def dsa_model(top_k: int, query_chunk: int | None, dense_below: int = 0):
     from dsa_compile.onnx import functions
 
     return functions.op_model("Attention", top_k=top_k, scale=D ** -0.5,
+                              dense_below=dense_below,
                               query_chunk=query_chunk or functions.DEFAULT_QUERY_CHUNK)
+
+
+def variant_model(variant: str, length: int, top_k: int, query_chunk: int | None):
+    """The ONNX model of a variant and the names of the inputs it takes."""
+    if variant == "dense":
+        return dense_model(), "qkv"
+    dense_below = length if variant == "dsa_dense" else 0
+    return dsa_model(top_k, query_chunk, dense_below), ["q", "k", "v", "q_idx", "k_idx", "w"]
 
 
 def session(model, threads: int | None):
@@ -72,22 +91,60 @@ def session(model, threads: int | None):
                                 providers=["CPUExecutionProvider"])
 
 
-def check(length: int, top_k: int, query_chunk: int | None) -> dict[str, float]:
-    """Max abs error of both ORT files against PyTorch at ``length``."""
+def check(length: int, top_k: int, query_chunk: int | None,
+          variants: list[str]) -> dict[str, float]:
+    """Max abs error of each variant's ORT file against PyTorch at ``length``: dsa vs
+    torch.ops.dsa.attention, dense and dsa_dense vs SDPA."""
     import torch
 
     import dsa_compile  # noqa: F401  (registers torch.ops.dsa)
 
     feed = inputs(length, seed=1)
     t = {k: torch.from_numpy(v) for k, v in feed.items()}
-    (dsa_out,) = session(dsa_model(top_k, query_chunk), None).run(None, feed)
-    want = torch.ops.dsa.attention(t["q"], t["k"], t["v"], t["q_idx"], t["k_idx"], t["w"],
-                                   top_k, D ** -0.5, True, 0, None, 0.0, 0)
-    (dense_out,) = session(dense_model(), None).run(None, {n: feed[n] for n in "qkv"})
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         t["q"], t["k"], t["v"], is_causal=True, enable_gqa=True)
-    return {"dsa_err": float(np.abs(dsa_out - want.numpy()).max()),
-            "dense_err": float(np.abs(dense_out - sdpa.numpy()).max())}
+    dsa = torch.ops.dsa.attention(t["q"], t["k"], t["v"], t["q_idx"], t["k_idx"], t["w"],
+                                  top_k, D ** -0.5, True, 0, None, 0.0, 0)
+    errors = {}
+    for variant in variants:
+        model, names = variant_model(variant, length, top_k, query_chunk)
+        (out,) = session(model, None).run(None, {n: feed[n] for n in names})
+        want = dsa if variant == "dsa" else sdpa
+        errors[variant] = float(np.abs(out - want.numpy()).max())
+    return errors
+
+
+def profile(length: int, top_k: int, query_chunk: int | None, threads: int | None,
+            rows: int = 12) -> None:
+    """Run the dsa file once under onnxruntime's profiler; print kernel time per op type."""
+    import collections
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "dsa")
+    sess = ort.InferenceSession(dsa_model(top_k, query_chunk).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+    sess.run(None, inputs(length))
+    path = sess.end_profiling()
+    with open(path) as f:
+        events = json.load(f)
+    os.remove(path)
+    per_op = collections.Counter()
+    for e in events:  # leaf kernels only: Loop and If contain the others
+        op = e.get("args", {}).get("op_name")
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and op not in (
+                "Loop", "If"):
+            per_op[op] += e["dur"] / 1e3
+    total = sum(per_op.values())
+    print(f"profile L={length} top_k={top_k}: {total:.0f} ms in kernels (one run, "
+          f"profiler on; load average {os.getloadavg()[0]:.1f})")
+    for op, ms in per_op.most_common(rows):
+        print(f"  {op:18s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
 
 
 def _status_bytes(field: str) -> int:
@@ -112,12 +169,9 @@ def peak_rss() -> int:
 
 def worker(variant: str, length: int, top_k: int, query_chunk: int | None, repeats: int,
            threads: int | None) -> dict:
-    feed = inputs(length)
-    if variant == "dense":
-        feed = {n: feed[n] for n in "qkv"}
-        sess = session(dense_model(), threads)
-    else:
-        sess = session(dsa_model(top_k, query_chunk), threads)
+    model, names = variant_model(variant, length, top_k, query_chunk)
+    feed = {n: v for n, v in inputs(length).items() if n in names}
+    sess = session(model, threads)
     base = reset_peak_rss()
     sess.run(None, feed)
     times = []
@@ -127,6 +181,24 @@ def worker(variant: str, length: int, top_k: int, query_chunk: int | None, repea
         times.append(time.perf_counter() - start)
     return {"variant": variant, "L": length, "top_k": top_k, "min_s": min(times),
             "median_s": statistics.median(times), "peak_extra_mib": (peak_rss() - base) / 2**20}
+
+
+def interleaved(variants: list[str], length: int, top_k: int, query_chunk: int | None,
+                runs: int, threads: int | None) -> dict[str, list[float]]:
+    """Seconds of ``runs`` runs of each variant, taken in turns within this process."""
+    feed = inputs(length)
+    sessions = {}
+    for variant in variants:
+        model, names = variant_model(variant, length, top_k, query_chunk)
+        sessions[variant] = (session(model, threads), {n: feed[n] for n in names})
+        sessions[variant][0].run(None, sessions[variant][1])  # warm-up
+    times = {v: [] for v in variants}
+    for _ in range(runs):
+        for variant, (sess, variant_feed) in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, variant_feed)
+            times[variant].append(time.perf_counter() - start)
+    return times
 
 
 def run_worker(*args) -> dict:
@@ -144,6 +216,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating worker rounds")
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT)")
     parser.add_argument("--check-length", type=int, default=1024)
+    parser.add_argument("--variants", nargs="+", default=["dense", "dsa"],
+                        choices=["dense", "dsa", "dsa_dense"])
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the dsa file's kernel time per op type")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="time the variants in turns in one process (no memory column)")
     parser.add_argument("--csv", default=None)
     parser.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,32 +231,56 @@ def main() -> None:
                                 int(repeats), int(threads) or None)))
         return
 
-    errors = check(args.check_length, args.top_k, args.query_chunk or None)
-    print(f"check at L={args.check_length}: dsa vs torch.ops.dsa.attention max abs err "
-          f"{errors['dsa_err']:.2e}; dense ORT vs SDPA {errors['dense_err']:.2e}")
-    if errors["dsa_err"] > 1e-4 or errors["dense_err"] > 1e-4:
+    variants = list(dict.fromkeys(["dense", "dsa", *args.variants]))
+    errors = check(args.check_length, args.top_k, args.query_chunk or None, variants)
+    print(f"check at L={args.check_length}: " + "; ".join(
+        f"{v} max abs err {e:.2e} (vs {'torch.ops.dsa.attention' if v == 'dsa' else 'SDPA'})"
+        for v, e in errors.items()))
+    if max(errors.values()) > 1e-4:
         sys.exit("correctness check failed: no speedup reported")
+    if args.profile:
+        profile(args.lengths[0], args.top_k, args.query_chunk or None, args.threads or None)
+
+    if args.interleaved:
+        for length in args.lengths:
+            times = interleaved(variants, length, args.top_k, args.query_chunk or None,
+                                args.rounds * args.repeats, args.threads or None)
+            best = {v: min(t) for v, t in times.items()}
+            print(f"L={length} top_k={args.top_k} interleaved, best of {args.rounds * args.repeats}"
+                  f" (load {os.getloadavg()[0]:.1f}): "
+                  + ", ".join(f"{v} {t:.3f} s" for v, t in best.items())
+                  + f"; dense/dsa {best['dense'] / best['dsa']:.2f}x"
+                  + "".join(f", dense/{v} {best['dense'] / best[v]:.2f}x"
+                            for v in variants if v not in ("dense", "dsa")), flush=True)
+        return
 
     rows = []
+    extra = [v for v in variants if v not in ("dense", "dsa")]
     print(f"{'L':>6} {'top_k':>6} {'dense s':>9} {'dsa s':>9} {'speedup':>8} "
-          f"{'dense MiB':>10} {'dsa MiB':>9}")
+          + "".join(f"{v + ' s':>11}" for v in extra)
+          + f" {'dense MiB':>10} {'dsa MiB':>9}")
     for length in args.lengths:
         # Alternate the variants for several rounds and keep each one's best, so a burst of
         # load from other processes on a shared machine does not decide the ratio.
         common = (length, args.top_k, args.query_chunk, args.repeats, args.threads)
-        runs = {"dense": [], "dsa": []}
+        runs = {v: [] for v in variants}
         for _ in range(args.rounds):
             for variant in runs:
                 runs[variant].append(run_worker(variant, *common))
-        dense, dsa = (min(runs[v], key=lambda r: r["min_s"]) for v in ("dense", "dsa"))
+        best = {v: min(runs[v], key=lambda r: r["min_s"]) for v in variants}
+        dense, dsa = best["dense"], best["dsa"]
         row = {"L": length, "top_k": args.top_k, "dense_s": dense["min_s"],
                "dsa_s": dsa["min_s"], "speedup": dense["min_s"] / dsa["min_s"],
                "dense_peak_mib": dense["peak_extra_mib"], "dsa_peak_mib": dsa["peak_extra_mib"],
-               "dense_median_s": dense["median_s"], "dsa_median_s": dsa["median_s"]}
+               "dense_median_s": dense["median_s"], "dsa_median_s": dsa["median_s"],
+               **{f"{v}_s": best[v]["min_s"] for v in extra},
+               "load_avg": os.getloadavg()[0]}
         rows.append(row)
         print(f"{length:>6} {args.top_k:>6} {row['dense_s']:>9.3f} {row['dsa_s']:>9.3f} "
-              f"{row['speedup']:>7.2f}x {row['dense_peak_mib']:>10.0f} {row['dsa_peak_mib']:>9.0f}",
-              flush=True)
+              f"{row['speedup']:>7.2f}x "
+              + "".join(f"{row[v + '_s']:>11.3f}" for v in extra)
+              + f" {row['dense_peak_mib']:>10.0f} {row['dsa_peak_mib']:>9.0f}"
+              f"   (load {row['load_avg']:.1f})", flush=True)
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         with open(args.csv, "w", newline="") as f:

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import warnings
 
+import models  # tests/ is on sys.path (rootdir conftest)
 import numpy as np
 import onnx
 import pytest
@@ -138,6 +139,71 @@ def test_attention_function_matches_op(b, hq, hkv, lq, lk, d, h_i, d_i, top_k, q
     np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
 
 
+def _key_mask(b, lk, seed=3):
+    """bool [B, Lk]: row 0 has random holes, the last row is left-padded by a third of Lk
+    (its first queries see no key at all)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, lk, generator=g) > 0.2
+    mask[-1] = True
+    mask[-1, : lk // 3] = False
+    return mask
+
+
+KEY_MASK_CASES = [
+    # b, hq, hkv, lq, lk, d, h_i, d_i, top_k, q_offset, causal, dense_below, chunk
+    pytest.param(2, 4, 2, 70, 70, 64, 2, 16, 8, 0, True, 0, 16, id="sparse-left-pad"),
+    pytest.param(2, 6, 3, 45, 45, 32, 3, 16, 20, 0, True, 0, 8, id="topk>chunk-keys"),
+    pytest.param(2, 4, 2, 63, 63, 64, 2, 16, 8, 0, True, 24, 16, id="dense_below24"),
+    pytest.param(2, 4, 1, 30, 70, 64, 2, 16, 10, 40, True, 45, 8, id="offset40-mixed"),
+    pytest.param(2, 4, 2, 33, 50, 64, 2, 16, 12, 0, False, 0, 16, id="noncausal"),
+    pytest.param(2, 4, 2, 50, 50, 64, 2, 16, 8, 0, True, 100, 16, id="all-dense"),
+]
+
+
+@pytest.mark.parametrize("path", ["gemm", "gather"])
+@pytest.mark.parametrize("b,hq,hkv,lq,lk,d,h_i,d_i,top_k,q_offset,causal,dense_below,chunk",
+                         KEY_MASK_CASES)
+def test_attention_function_with_key_mask_matches_op(b, hq, hkv, lq, lk, d, h_i, d_i, top_k,
+                                                     q_offset, causal, dense_below, chunk,
+                                                     path, monkeypatch):
+    monkeypatch.setattr(functions, "GATHER_ABOVE_KEYS", 10**9 if path == "gemm" else 0)
+    q, k, v = _attn_inputs(b, hq, hkv, lq, lk, d)
+    q_idx, k_idx, w = _indexer_inputs(b, lq, lk, h_i, d_i)
+    key_mask = _key_mask(b, lk)
+    scale = d ** -0.5
+    model = functions.op_model("Attention", key_mask=True, top_k=top_k, scale=scale,
+                               causal=int(causal), q_offset=q_offset, dense_below=dense_below,
+                               query_chunk=chunk)
+    assert model.graph.node[0].overload == functions.KEY_MASK_OVERLOAD
+    (got,) = _session(model).run(None, dict(zip(
+        ["q", "k", "v", "q_idx", "k_idx", "w", "key_mask"],
+        _np(q, k, v, q_idx, k_idx, w, key_mask))))
+    want = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset,
+                                   key_mask, 0.0, dense_below)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+    if causal and q_offset == 0:  # the left-padded row's first queries see no key: out 0
+        assert np.all(got[-1, :, : lk // 3] == 0)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["tie-free", "tied-scores"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_indexer_topk_function_with_key_mask_selects_same_keys(ties, causal):
+    b, length, top_k = 2, 90, 12
+    q_idx, k_idx, w = _indexer_inputs(b, length, length, 2, 8)
+    if ties:  # integer-valued inputs: many equal (and zero) scores, ties go to the smaller key
+        q_idx, k_idx = q_idx.round(), k_idx.round()
+    key_mask = _key_mask(b, length)
+    model = functions.op_model("IndexerTopK", key_mask=True, top_k=top_k, causal=int(causal),
+                               query_chunk=16)
+    (got,) = _session(model).run(None, dict(zip(["q_idx", "k_idx", "w", "key_mask"],
+                                                _np(q_idx, k_idx, w, key_mask))))
+    want = torch.ops.dsa.indexer_topk(q_idx, k_idx, w, top_k, 0, causal, key_mask)
+    np.testing.assert_array_equal(got, want.numpy())
+    selected = got[got >= 0]
+    assert selected.size and key_mask.numpy()[np.nonzero(got >= 0)[0], selected].all()
+
+
 def test_schemas_give_full_check_and_shapes():
     register_schemas()
     model = functions.op_model("IndexerTopK", top_k=7)
@@ -190,10 +256,9 @@ def test_schema_shapes_of_attention_ops():
 class AttentionSite(torch.nn.Module):
     """A GQA attention block whose core is torch.ops.dsa.attention, fed by an Indexer."""
 
-    def __init__(self, width=32, hq=4, hkv=2, d=64, top_k=8, dense_below=0, key_mask=False):
+    def __init__(self, width=32, hq=4, hkv=2, d=64, top_k=8, dense_below=0):
         super().__init__()
         self.hq, self.hkv, self.d, self.top_k, self.dense_below = hq, hkv, d, top_k, dense_below
-        self.use_key_mask = key_mask
         self.q_proj = torch.nn.Linear(width, hq * d)
         self.k_proj = torch.nn.Linear(width, hkv * d)
         self.v_proj = torch.nn.Linear(width, hkv * d)
@@ -202,15 +267,14 @@ class AttentionSite(torch.nn.Module):
         with torch.no_grad():  # tie-free, informative indexer weights
             self.indexer.ww.normal_(0, 0.05)
 
-    def forward(self, x):
+    def forward(self, x, key_mask=None):
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, self.hq, self.d).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.hkv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(b, length, self.hkv, self.d).transpose(1, 2)
         q_idx, k_idx, w = self.indexer(q, k)
-        mask = torch.ones(b, length, dtype=torch.bool) if self.use_key_mask else None
         out = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, self.top_k, self.d ** -0.5,
-                                      True, 0, mask, 0.0, self.dense_below)
+                                      True, 0, key_mask, 0.0, self.dense_below)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -252,6 +316,24 @@ def test_exported_site_matches_pytorch_at_any_length(site_file, length):
     np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
 
 
+def test_exported_site_with_key_mask_matches_pytorch(site_file, tmp_path):
+    model, _ = site_file
+    x, key_mask = torch.randn(2, 64, 32), _key_mask(2, 64)
+    path = tmp_path / "site_mask.onnx"
+    dsa_onnx.export(model, (x, key_mask), path, config=DSAConfig(top_k=8), query_chunk=16)
+    report = dsa_onnx.verify(path)
+    assert report["dsa_nodes"] == {"Attention": 1}
+    assert report["functions"] == ["Attention:key_mask"]
+    session = dsa_onnx.load_session(path)
+    for length in (64, 111, 257):
+        x = torch.randn(2, length, 32, generator=torch.Generator().manual_seed(length))
+        key_mask = _key_mask(2, length, seed=length)
+        (got,) = dsa_onnx.run(session, x, key_mask)
+        with torch.no_grad():
+            want = model(x, key_mask)
+        np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+
+
 def test_verify_reports_dsa_content(site_file):
     _, path = site_file
     report = dsa_onnx.verify(path)
@@ -283,11 +365,18 @@ def test_exported_split_ops_select_same_keys(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+class DenseScores(torch.nn.Module):
+    """Calls torch.ops.dsa.indexer_scores, which has no ONNX form."""
+
+    def forward(self, q_idx, k_idx, w):
+        return torch.ops.dsa.indexer_scores(q_idx, k_idx, w, 0, True)
+
+
 def test_failed_export_names_node_and_keeps_old_file(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"previous contents")
-    with pytest.raises(dsa_onnx.ExportError, match=r"node 'attention'.*key_mask"):
-        dsa_onnx.export(AttentionSite(key_mask=True), (torch.randn(1, 16, 32),), path)
+    with pytest.raises(dsa_onnx.ExportError, match=r"node 'indexer_scores'.*no ONNX form"):
+        dsa_onnx.export(DenseScores(), _indexer_inputs(1, 16, 16, 2, 8), path)
     assert path.read_bytes() == b"previous contents"
     assert os.listdir(tmp_path) == ["model.onnx"]
 
@@ -362,10 +451,10 @@ def test_tiny_llama_through_onnxruntime_matches_pytorch_dsa(tmp_path):
     dsa_onnx.SDPAOverrideDSA(model, config).prepare((ids,))
     path = tmp_path / "llama.onnx"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # apply may fall back to the SDPA override
+        warnings.simplefilter("ignore")  # indexers apply creates afresh never saw data
         dsa_onnx.export(model, (ids[:, :48],), path, config=config, query_chunk=16)
     report = dsa_onnx.verify(path)
-    assert report["dsa_nodes"] == {"Attention": 2}
+    assert report["dsa_nodes"] == {"Attention": 2} and report["rewrite"] == "apply"
     reference = _pytorch_dsa(model, (ids[:, :48],), config, report["rewrite"])
     session = dsa_onnx.load_session(path)
     for length in (48, 77, 130):
@@ -374,6 +463,40 @@ def test_tiny_llama_through_onnxruntime_matches_pytorch_dsa(tmp_path):
         with torch.no_grad():
             want = reference(ids)
         np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+
+
+def test_tiny_llama_with_attention_mask_exports_through_apply(tmp_path):
+    pytest.importorskip("transformers")
+    import dsa_compile
+
+    torch.manual_seed(0)
+    model = dsa_onnx.CausalLMLogits(models.llama(layers=1)).eval()
+    config = DSAConfig(top_k=8, dense_below=0)
+    fit = models.token_inputs(batch=2, length=128, pad=5)
+    args = (fit["input_ids"], fit["attention_mask"])
+    reference = dsa_compile.apply(model, args, config)
+    with torch.no_grad():  # 2 x 128 tokens: the indexers fit themselves (registry)
+        reference(*args)
+    inputs = models.token_inputs(batch=2, length=40, pad=5)
+    path = tmp_path / "llama_mask.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to the SDPA override
+        dsa_onnx.export(model, (inputs["input_ids"], inputs["attention_mask"]), path,
+                        config=config, query_chunk=16)
+    report = dsa_onnx.verify(path)
+    assert report["rewrite"] == "apply"
+    assert report["dsa_nodes"] == {"Attention": 1}
+    assert report["functions"] == ["Attention:key_mask"]
+    session = dsa_onnx.load_session(path)
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    for length, pad in ((40, 5), (77, 30), (100, 0)):
+        torch.manual_seed(length)
+        inputs = models.token_inputs(batch=2, length=length, pad=pad)
+        (got,) = dsa_onnx.run(session, inputs["input_ids"], inputs["attention_mask"])
+        with torch.no_grad():
+            want = reference(inputs["input_ids"], inputs["attention_mask"]).numpy()
+        tokens = inputs["attention_mask"].bool().numpy()
+        np.testing.assert_allclose(got[tokens], want[tokens], atol=ATOL, rtol=0)
 
 
 def test_cli_exports_a_saved_hf_model(tmp_path, capsys):
@@ -387,9 +510,13 @@ def test_cli_exports_a_saved_hf_model(tmp_path, capsys):
     folder = tmp_path / "tiny"
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
     out = tmp_path / "tiny.onnx"
-    assert main(["export", str(folder), "--out", str(out), "--top-k", "8", "--seq-len", "64",
-                 "--query-chunk", "16"]) == 0
-    assert '"Attention": 1' in capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(folder), "--out", str(out), "--top-k", "8", "--seq-len",
+                     "64", "--query-chunk", "16"]) == 0
+    assert not [w for w in caught if "SDPA override" in str(w.message)]
+    printed = capsys.readouterr().out
+    assert '"Attention": 1' in printed and '"rewrite": "apply"' in printed
     (logits,) = dsa_onnx.run(dsa_onnx.load_session(out), torch.randint(0, 97, (1, 90)))
     assert logits.shape == (1, 90, 97) and np.isfinite(logits).all()
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")]) == 1
@@ -424,4 +551,7 @@ def test_microsoft_target_refuses_what_it_cannot_express():
 
     model = functions.op_model("Attention", top_k=8, scale=0.125, dense_below=64)
     with pytest.raises(ValueError, match="dense_below"):
+        to_microsoft(model, num_heads=4, kv_num_heads=2)
+    model = functions.op_model("Attention", key_mask=True, top_k=8, scale=0.125)
+    with pytest.raises(ValueError, match="key_mask"):
         to_microsoft(model, num_heads=4, kv_num_heads=2)

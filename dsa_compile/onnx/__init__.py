@@ -5,6 +5,9 @@
     session = dsa_onnx.load_session("model.onnx")
     (logits,) = dsa_onnx.run(session, input_ids)
 
+Export with ``(input_ids, attention_mask)`` (e.g. ``CausalLMLogits(hf_model)``) for a file
+that takes padded batches: the padding reaches the dsa nodes as their ``key_mask``.
+
 The file holds the DSA ops as domain-``dsa`` nodes (schemas: :mod:`.schemas`) plus
 model-local functions in standard ONNX ops (:mod:`.functions`), so a stock onnxruntime
 runs it; everything else is standard opset 23.
@@ -58,14 +61,20 @@ def _load(path_or_model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto
         raise ValueError(f"verify: {path!r} is not a readable ONNX file ({err})") from err
 
 
+def _function_name(name: str, overload: str) -> str:
+    return f"{name}:{overload}" if overload else name
+
+
 def verify(path: str | os.PathLike | onnx.ModelProto) -> dict[str, Any]:
     """Check that a file is a dsa_compile export and that it is well formed.
 
     Runs ``onnx.checker.check_model(full_check=True)`` (types and shapes of the dsa
-    nodes through the registered schemas) and checks each dsa node has its function.
+    nodes through the registered schemas) and checks each dsa node has its function
+    (same name and overload).
 
     Returns:
-        {"dsa_nodes": {op: count}, "functions": [names], "ir_version": int,
+        {"dsa_nodes": {op: count}, "functions": [names, "Attention:key_mask" for an
+         overload], "ir_version": int,
          "opsets": {domain: version}, "config": dict | None, "version": str,
          "rewrite": "model" | "apply" | "sdpa_override"}
 
@@ -86,10 +95,11 @@ def verify(path: str | os.PathLike | onnx.ModelProto) -> dict[str, Any]:
     if opsets.get(functions.DOMAIN) != functions.VERSION:
         raise ValueError(f"verify: {where!r} does not import opset "
                          f"{functions.DOMAIN!r} v{functions.VERSION}")
-    counts = collections.Counter(n.op_type for n in model.graph.node
-                                 if n.domain == functions.DOMAIN)
-    local = {(f.domain, f.name) for f in model.functions}
-    missing = sorted(op for op in counts if (functions.DOMAIN, op) not in local)
+    nodes = [n for n in model.graph.node if n.domain == functions.DOMAIN]
+    counts = collections.Counter(n.op_type for n in nodes)
+    local = {(f.domain, f.name, f.overload) for f in model.functions}
+    missing = sorted({_function_name(n.op_type, n.overload) for n in nodes
+                      if (functions.DOMAIN, n.op_type, n.overload) not in local})
     if missing:
         raise ValueError(f"verify: {where!r} uses dsa ops {missing} without their model-local "
                          f"functions; onnxruntime could not run it")
@@ -99,7 +109,8 @@ def verify(path: str | os.PathLike | onnx.ModelProto) -> dict[str, Any]:
     except onnx.checker.ValidationError as err:
         raise ValueError(f"verify: {where!r} fails the ONNX checker: {err}") from err
     config = meta.get(META_CONFIG)
-    return {"dsa_nodes": dict(counts), "functions": sorted(f.name for f in model.functions),
+    return {"dsa_nodes": dict(counts),
+            "functions": sorted(_function_name(f.name, f.overload) for f in model.functions),
             "ir_version": model.ir_version, "opsets": opsets,
             "config": json.loads(config) if config else None, "version": meta[META_VERSION],
             "rewrite": meta.get(META_REWRITE)}

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx
+import onnxscript.optimizer
 import torch
 from onnxscript.values import Opset
 
@@ -49,18 +50,25 @@ class ExportError(RuntimeError):
 
 
 def translation_table(query_chunk: int = functions.DEFAULT_QUERY_CHUNK) -> dict:
-    """{torch op overload: trace-only onnxscript translation} for ``torch.onnx.export``."""
+    """{torch op overload: trace-only onnxscript translation} for ``torch.onnx.export``.
+
+    A key_mask becomes the node's optional last input (:func:`finish_model` then sets the
+    node's function overload).
+    """
 
     def attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal=True, q_offset=0,
                   key_mask=None, softcap=0.0, dense_below=0):
-        return _DSA.Attention(q, k, v, q_idx, k_idx, w, top_k=int(top_k), scale=float(scale),
-                              causal=int(bool(causal)), q_offset=int(q_offset),
-                              softcap=float(softcap), dense_below=int(dense_below),
-                              query_chunk=query_chunk)
+        mask = () if key_mask is None else (key_mask,)
+        return _DSA.Attention(q, k, v, q_idx, k_idx, w, *mask, top_k=int(top_k),
+                              scale=float(scale), causal=int(bool(causal)),
+                              q_offset=int(q_offset), softcap=float(softcap),
+                              dense_below=int(dense_below), query_chunk=query_chunk)
 
     def indexer_topk(q_idx, k_idx, w, top_k, q_offset=0, causal=True, key_mask=None):
-        return _DSA.IndexerTopK(q_idx, k_idx, w, top_k=int(top_k), q_offset=int(q_offset),
-                                causal=int(bool(causal)), query_chunk=query_chunk)
+        mask = () if key_mask is None else (key_mask,)
+        return _DSA.IndexerTopK(q_idx, k_idx, w, *mask, top_k=int(top_k),
+                                q_offset=int(q_offset), causal=int(bool(causal)),
+                                query_chunk=query_chunk)
 
     def sparse_attention(q, k, v, indices, scale, softcap=0.0):
         return _DSA.SparseAttention(q, k, v, indices, scale=float(scale),
@@ -74,10 +82,9 @@ def translation_table(query_chunk: int = functions.DEFAULT_QUERY_CHUNK) -> dict:
     }
 
 
-# Which FunctionProto each torch op needs, and arguments the functions do not support.
+# The ONNX op of each torch op.
 _FUNCTION_OF = {"attention": "Attention", "indexer_topk": "IndexerTopK",
                 "sparse_attention": "SparseAttention"}
-_KEY_MASK_ARG = {"attention": 10, "indexer_topk": 6}
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,9 +105,9 @@ def dsa_nodes(program: torch.export.ExportedProgram) -> list[torch.fx.Node]:
 
 
 def check_exportable(program: torch.export.ExportedProgram) -> list[str]:
-    """Raise :class:`ExportError` naming the first dsa node the ONNX functions cannot run.
+    """Raise :class:`ExportError` naming the first dsa node that has no ONNX form.
 
-    Returns the function names (``Attention``, ...) the graph needs.
+    Returns the ONNX op names (``Attention``, ...) the graph needs.
     """
     needed = []
     for node in dsa_nodes(program):
@@ -109,14 +116,6 @@ def check_exportable(program: torch.export.ExportedProgram) -> list[str]:
             raise ExportError(
                 f"cannot export {_where(node)}: torch.ops.dsa.{op} has no ONNX form (only "
                 f"{sorted(_FUNCTION_OF)} do); remove it from the inference graph")
-        mask_at = _KEY_MASK_ARG.get(op)
-        if mask_at is not None:
-            mask = node.args[mask_at] if len(node.args) > mask_at else node.kwargs.get("key_mask")
-            if mask is not None:
-                raise ExportError(
-                    f"cannot export {_where(node)}: key_mask (padding) is not supported by the "
-                    f"dsa.{_FUNCTION_OF[op]} ONNX function; export without an attention mask "
-                    f"(unpadded inputs)")
         needed.append(_FUNCTION_OF[op])
     return sorted(set(needed))
 
@@ -166,17 +165,22 @@ def _warn_unfitted(model: torch.nn.Module) -> None:
 
 
 class CausalLMLogits(torch.nn.Module):
-    """input_ids [B, L] -> logits [B, L, V] of a Hugging Face causal LM, without KV cache.
+    """(input_ids [B, L], optional attention_mask [B, L]) -> logits [B, L, V] of a Hugging
+    Face causal LM, without KV cache.
 
-    Wrap a transformers model in this before export so the ONNX file has one output.
+    Wrap a transformers model in this before export so the ONNX file has one output;
+    export with ``(input_ids, attention_mask)`` for a file that takes padded batches
+    (attention_mask int64 or bool, 1 = token, 0 = padding).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).logits
 
 
 class _CausalMask(torch.overrides.TorchFunctionMode):
@@ -304,7 +308,7 @@ def to_dsa_program(model: torch.nn.Module, example_args: Sequence[Any],
         program = _torch_export(rewritten, example_args, dynamic)
         try:
             check_exportable(program)
-        except ExportError as err:  # e.g. apply kept a padding key_mask
+        except ExportError as err:  # e.g. a dsa op without an ONNX form
             why_not = f"the graph of dsa_compile.apply cannot be exported: {err}"
         else:
             if dsa_nodes(program):
@@ -325,14 +329,20 @@ def to_dsa_program(model: torch.nn.Module, example_args: Sequence[Any],
     return program, how
 
 
-def finish_model(model: onnx.ModelProto, needed: Sequence[str],
-                 config: DSAConfig | None, rewrite: str = "model") -> onnx.ModelProto:
-    """Attach the function bodies and our markers, pin the IR version, full-check."""
+def finish_model(model: onnx.ModelProto, config: DSAConfig | None,
+                 rewrite: str = "model") -> onnx.ModelProto:
+    """Set each dsa node's function overload, attach the function bodies it needs and our
+    markers, pin the IR version, full-check."""
     register_schemas()
-    bodies = functions.all_functions()
+    needed = set()
+    for node in model.graph.node:
+        if node.domain == functions.DOMAIN:
+            node.overload = functions.overload_of(node)
+            needed.add((node.op_type, node.overload))
     kept = [f for f in model.functions if f.domain != functions.DOMAIN]
     del model.functions[:]
-    model.functions.extend(kept + [bodies[name] for name in needed])
+    model.functions.extend(kept + [functions.function(op, overload)
+                                   for op, overload in sorted(needed)])
     if not any(o.domain == functions.DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(functions.DOMAIN, functions.VERSION))
     model.ir_version = IR_VERSION
@@ -375,7 +385,8 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
         model: a module whose forward calls ``torch.ops.dsa.*`` (already rewritten), or a
             dense model that ``dsa_compile.apply(model, example_args, config)`` rewrites.
         example_args: positional example inputs (tuple), e.g. ``(input_ids,)`` with
-            input_ids int64 [B, L].
+            input_ids int64 [B, L], or ``(input_ids, attention_mask)`` for a file that
+            takes padded batches (the padding reaches the dsa nodes as their key_mask).
         path: output file; replaced atomically, never left partial.
         config: DSAConfig (or options dict) for the rewrite; recorded in the file.
         dynamic: export every tensor dimension as dynamic where the model allows (one file
@@ -405,16 +416,20 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
     try:
         with torch.no_grad():
             program, rewrite = to_dsa_program(model, example_args, config, dynamic)
-        needed = check_exportable(program)
+        check_exportable(program)
         register_schemas()
         table = translation_table(query_chunk or functions.DEFAULT_QUERY_CHUNK)
         try:
             onnx_program = torch.onnx.export(
                 program, opset_version=functions.ONNX_OPSET, dynamo=True,
-                custom_translation_table=table, optimize=True, verbose=False)
+                custom_translation_table=table, optimize=False, verbose=False)
+            # Constant folding and clean-up only: optimize=True would also fuse opset-23
+            # RotaryEmbedding nodes whose cos/sin keep the batch-1 shape of Hugging Face
+            # position ids, which onnxruntime rejects for any batch > 1.
+            onnxscript.optimizer.optimize_ir(onnx_program.model)
         except Exception as err:
             raise ExportError(f"torch.onnx.export failed: {err}") from err
-        model_proto = finish_model(onnx_program.model_proto, needed, config, rewrite)
+        model_proto = finish_model(onnx_program.model_proto, config, rewrite)
     finally:
         model.train(was_training)
     save_atomic(model_proto, path)

@@ -1,23 +1,36 @@
 """Model-local ONNX function bodies of the ``dsa`` ops, in standard ONNX ops only.
 
 A stock onnxruntime runs a ``dsa.*`` node by inlining the FunctionProto of the same
-(domain, name) that the exported model carries, so the file needs nothing installed
-besides onnxruntime. Each body walks the queries in chunks of ``query_chunk`` inside a
-``Loop``, so memory stays O(chunk * Lk) for the indexer and O(chunk * top_k * D) for the
-gathered keys: neither [Lq, Lk] scores nor [Lq, top_k, H, D] gathers exist at once.
+(domain, name, overload) that the exported model carries, so the file needs nothing
+installed besides onnxruntime. Each body walks the queries in chunks of ``query_chunk``
+inside a ``Loop``, so memory stays O(chunk * Lk) for the indexer and O(chunk * top_k * D)
+for the gathered keys: neither [Lq, Lk] scores nor [Lq, top_k, H, D] gathers exist at once.
 
 Per query chunk (rows t = s .. s + C, absolute position q_offset + t):
 
     scores  = w . ReLU(q_idx @ k_idx^T)          [B, C, Lk_vis]  (causal: keys <= last row)
-    sel     = TopK(scores, min(top_k, Lk_vis))  (-inf scores are masked keys)
+    sel     = TopK(scores, min(top_k, Lk_vis))  (-inf scores are hidden keys)
     out     = softmax(scale * q . k[sel]) @ v[sel]
 
-The last line has two forms in ``dsa.Attention``: while a chunk sees at most
-GATHER_ABOVE_KEYS keys, one GEMM per KV head gives the logits of every visible key and
-the selected ones are picked (GatherElements) and scattered back as probabilities for a
-second GEMM with V; beyond that, the selected K and V rows are gathered
-([B, Hkv, C, top_k, D] per chunk). Both are exact; the switch is only speed (onnxruntime
-runs many tiny GEMMs slowly, so gathering pays only when the visible keys are many).
+``dsa.Attention`` computes the last line in one of three ways, all exact; the choice is
+only speed (onnxruntime CPU runs many tiny GEMMs and row gathers slowly):
+
+- the chunk's rows see at most top_k keys, so each selects every key it can see: no
+  indexer or TopK, masked dense attention over the visible keys (one GEMM per KV head
+  for the logits, one with V). DSA's dense rows (``dense_below``) take the same path,
+  chunk by chunk, so no [Lq, Lk] mask or score matrix exists for them either;
+- it sees at most GATHER_ABOVE_KEYS keys: the same GEMM gives the logits of every
+  visible key, the selected ones are picked (GatherElements), softmaxed and scattered
+  back as probabilities for the GEMM with V;
+- beyond that, the selected K and V rows are gathered ([B, Hkv, C, top_k, D] per chunk).
+
+Key padding: ``key_mask`` (bool [B, Lk], True = the key exists) hides keys from the
+indexer and from attention, and a query that sees no key outputs 0, as
+``torch.ops.dsa.attention``. onnxruntime cannot run a function body whose optional
+input is absent (the body cannot branch on it), so ``dsa.Attention`` and
+``dsa.IndexerTopK`` each have two bodies, told apart by the ONNX IR 10 function
+``overload``: "" without the input, KEY_MASK_OVERLOAD with it. The exporter sets the
+node's overload to match (:func:`overload_of`).
 
 Attributes are read through top-level ``Constant`` nodes that reference the function's
 attributes, and the Loop bodies use those outer-scope values, so no attribute
@@ -35,15 +48,20 @@ from onnx import AttributeProto, TensorProto, helper
 DOMAIN = "dsa"
 VERSION = 1
 ONNX_OPSET = 23
+# Function overload of the bodies that take the optional key_mask input.
+KEY_MASK_OVERLOAD = "key_mask"
 
 # Query rows per Loop iteration unless the node says otherwise (attribute query_chunk).
 # Measured on onnxruntime CPU at L = 8192, top_k = 512: 32 -> 1.52 s, 64 -> 1.36 s,
-# 128 -> 1.63 s (larger chunks amortise per-iteration cost, smaller ones stay in cache).
+# 128 -> 1.63 s (larger chunks amortise per-iteration cost, smaller ones stay in cache);
+# 96 and 128 were again slower than 64 after the 2026-11-28 changes.
 DEFAULT_QUERY_CHUNK = 64
 
 # Query chunks that see at most this many keys attend through dense GEMMs over the
 # visible keys (then pick the selected logits); longer ones gather the selected K/V rows.
-# Tuned on onnxruntime CPU with 9 q heads, 3 KV heads, d = 64 (benchmarks/onnx_layer.py).
+# Tuned on onnxruntime CPU with 9 q heads, 3 KV heads, d = 64 (benchmarks/onnx_layer.py):
+# at L = 8192, 3072..6144 were within noise of each other, 2048 was slower and never
+# gathering was no faster.
 GATHER_ABOVE_KEYS = 4096
 
 _NEG_INF = float("-inf")
@@ -128,12 +146,26 @@ def _pad_rows(b: _Body, x: str, axis: int, rank: int, extra: str, value=None) ->
     return b.op("Pad", x, pads, value)
 
 
-def _index_scores(b: _Body, qi: str, k_idx_t: str, wc: str, lk_vis: str, qpos: str,
-                  causal: str, key_pos: str) -> str:
+def _hidden_keys(b: _Body, lk_vis: str, qpos: str, causal: str, key_pos: str,
+                 keep: str | None) -> str:
+    """bool [1 or B, C, Lk_vis]: True where a chunk row must not see the key.
+
+    qpos: int64 [C, 1] absolute query positions; causal: bool [1]; keep: bool [B, 1, Lk]
+    (key_mask) or None.
+    """
+    zero = b.const([0])
+    kp = b.slice(key_pos, zero, lk_vis, 0)                               # [Lk_vis]
+    hide = b.op("And", b.op("Greater", kp, qpos), causal)               # [C, Lk_vis]
+    if keep is None:
+        return b.op("Unsqueeze", hide, zero)
+    return b.op("Or", hide, b.op("Not", b.slice(keep, zero, lk_vis, 2)))  # [B, C, Lk_vis]
+
+
+def _index_scores(b: _Body, qi: str, k_idx_t: str, wc: str, lk_vis: str, hidden: str) -> str:
     """Indexer scores of one chunk.
 
-    qi: [B, C, H_I, d_I], k_idx_t: [B, d_I, Lk], wc: [B, C, 1, H_I], qpos: int64 [C, 1]
-    absolute query positions; returns float32 [B, C, Lk_vis], -inf where not visible.
+    qi: [B, C, H_I, d_I], k_idx_t: [B, d_I, Lk], wc: [B, C, 1, H_I], hidden: bool
+    [1 or B, C, Lk_vis]; returns float32 [B, C, Lk_vis], -inf where hidden.
     """
     zero = b.const([0])
     kt = b.slice(k_idx_t, zero, lk_vis, 2)                       # [B, d_I, Lk_vis]
@@ -146,9 +178,7 @@ def _index_scores(b: _Body, qi: str, k_idx_t: str, wc: str, lk_vis: str, qpos: s
     dots = b.op("Reshape", dots, b.cat(bc, b.const([-1]), lk_vis))  # [B, C, H_I, Lk_vis]
     sc = b.op("MatMul", wc, dots)                                # [B, C, 1, Lk_vis]
     sc = b.op("Squeeze", sc, b.const([2]))
-    kp = b.slice(key_pos, zero, lk_vis, 0)                       # [Lk_vis]
-    hide = b.op("And", b.op("Greater", kp, qpos), causal)        # [C, Lk_vis]
-    return b.op("Where", hide, b.const(_NEG_INF, np.float32), sc)
+    return b.op("Where", hidden, b.const(_NEG_INF, np.float32), sc)
 
 
 def _gather_rows(b: _Body, rows: str, row_base: str, idx: str) -> str:
@@ -161,7 +191,8 @@ def _sparse_chunk(b: _Body, qc: str, k_rows: str, v_rows: str, row_base: str, id
     """Attention of one query chunk over its selected keys.
 
     qc: [B, Hkv, C, R, D] pre-scaled queries; idx: [B, G, C, K] int64 (clamped, >= 0);
-    valid: bool [B, G, C, K]. Returns out [B, Hkv, C, R, Dv] (and lse [B, Hkv, C, R]).
+    valid: bool [B, G, C, K]. Returns out [B, Hkv, C, R, Dv] (and lse [B, Hkv, C, R]);
+    without lse, a row with no valid key is NaN (see :func:`_zero_unseen`).
     """
     kg = _gather_rows(b, k_rows, row_base, idx)                 # [B, Hkv, C, K, D]
     logits = b.op("MatMul", qc, b.op("Transpose", kg, perm=[0, 1, 2, 4, 3]))  # [.., R, K]
@@ -183,17 +214,9 @@ def _sparse_chunk(b: _Body, qc: str, k_rows: str, v_rows: str, row_base: str, id
     return out, lse
 
 
-def _masked_dense_chunk(b: _Body, qc: str, k: str, v: str, idx: str, valid: str, lk_vis: str,
-                        softcap: str) -> str:
-    """The same attention as the gather path, through dense GEMMs over the visible keys.
-
-    Logits of every visible key come from one [C*R, D] x [D, Lk_vis] GEMM per KV head;
-    the selected ones are picked with GatherElements, softmaxed, scattered back into a
-    zero [C*R, Lk_vis] matrix and multiplied by V. Cheaper than gathering K and V rows
-    while Lk_vis is short (see GATHER_ABOVE_KEYS); O(C * Lk_vis) memory per chunk.
-
-    qc: [B, Hkv, C, R, D] pre-scaled; idx/valid: [B, C, K]; returns [B, Hkv, C, R, Dv].
-    """
+def _visible_logits(b: _Body, qc: str, k: str, v: str, lk_vis: str):
+    """Logits of every visible key, one GEMM per KV head: ([B, Hkv, C, R, Lk_vis],
+    V rows [B, Hkv, Lk_vis, Dv], the [B, Hkv, C, R] and [B, Hkv] shapes)."""
     zero = b.const([0])
     shp = b.op("Shape", qc)
     lead = b.op("Slice", shp, zero, b.const([4]), zero)                    # [B, Hkv, C, R]
@@ -203,10 +226,30 @@ def _masked_dense_chunk(b: _Body, qc: str, k: str, v: str, idx: str, valid: str,
     kv = b.slice(k, zero, lk_vis, 2)                                       # [B, Hkv, Lk_vis, D]
     vv = b.slice(v, zero, lk_vis, 2)
     logits = b.op("MatMul", qd, b.op("Transpose", kv, perm=[0, 1, 3, 2]))  # [B, Hkv, C*R, Lk_vis]
-    logits = b.op("Reshape", logits, b.cat(lead, lk_vis))                 # [B, Hkv, C, R, Lk_vis]
+    return b.op("Reshape", logits, b.cat(lead, lk_vis)), vv, lead, two
+
+
+def _probs_times_v(b: _Body, p: str, vv: str, lead: str, two: str, lk_vis: str) -> str:
+    """Dense probabilities [B, Hkv, C, R, Lk_vis] @ V rows -> [B, Hkv, C, R, Dv]."""
+    p = b.op("Reshape", p, b.cat(two, b.const([-1]), lk_vis))
+    out = b.op("MatMul", p, vv)                                            # [B, Hkv, C*R, Dv]
+    return b.op("Reshape", out, b.cat(lead, b.dim(vv, 3)))
+
+
+def _masked_dense_chunk(b: _Body, qc: str, k: str, v: str, idx: str, valid: str, lk_vis: str,
+                        softcap: str) -> str:
+    """The same attention as the gather path, through dense GEMMs over the visible keys.
+
+    The selected logits are picked with GatherElements, softmaxed, scattered back into a
+    zero [C*R, Lk_vis] matrix and multiplied by V. Cheaper than gathering K and V rows
+    while Lk_vis is short (see GATHER_ABOVE_KEYS); O(C * Lk_vis) memory per chunk.
+
+    qc: [B, Hkv, C, R, D] pre-scaled; idx/valid: [B, C, K]; returns [B, Hkv, C, R, Dv]
+    (NaN rows where no slot is valid, see :func:`_zero_unseen`).
+    """
+    logits, vv, lead, two = _visible_logits(b, qc, k, v, lk_vis)
     idx5 = b.op("Unsqueeze", idx, b.const([1, 3]))                         # [B, 1, C, 1, K]
-    kk = b.dim(idx, 2)
-    idx5 = b.op("Expand", idx5, b.cat(lead, kk))
+    idx5 = b.op("Expand", idx5, b.cat(lead, b.dim(idx, 2)))
     picked = _softcap(b, b.op("GatherElements", logits, idx5, axis=4), softcap)
     picked = b.op("Where", b.op("Unsqueeze", valid, b.const([1, 3])), picked,
                   b.const(_NEG_INF, np.float32))
@@ -215,9 +258,28 @@ def _masked_dense_chunk(b: _Body, qc: str, k: str, v: str, idx: str, valid: str,
                                            value=helper.make_tensor("z", TensorProto.FLOAT,
                                                                     [1], [0.0])),
                    idx5, p, axis=4)
-    dense_p = b.op("Reshape", dense_p, b.cat(two, b.const([-1]), lk_vis))
-    out = b.op("MatMul", dense_p, vv)                                      # [B, Hkv, C*R, Dv]
-    return b.op("Reshape", out, b.cat(lead, b.dim(v, 3)))
+    return _probs_times_v(b, dense_p, vv, lead, two, lk_vis)
+
+
+def _visible_chunk(b: _Body, qc: str, k: str, v: str, lk_vis: str, hidden: str,
+                   softcap: str) -> str:
+    """Attention of a chunk over every key it can see: what DSA computes when no row sees
+    more than top_k keys (each selects all of them), without indexer or TopK.
+
+    qc: [B, Hkv, C, R, D] pre-scaled; hidden: bool [1 or B, C, Lk_vis]; returns
+    [B, Hkv, C, R, Dv] (NaN rows where every key is hidden, see :func:`_zero_unseen`).
+    """
+    logits, vv, lead, two = _visible_logits(b, qc, k, v, lk_vis)
+    logits = _softcap(b, logits, softcap)
+    logits = b.op("Where", b.op("Unsqueeze", hidden, b.const([1, 3])),
+                  b.const(_NEG_INF, np.float32), logits)
+    return _probs_times_v(b, b.op("Softmax", logits, axis=-1), vv, lead, two, lk_vis)
+
+
+def _zero_unseen(b: _Body, out: str, seen: str) -> str:
+    """out [B, Hkv, C, R, Dv] with 0 in the rows where seen (bool [B, C]) is False."""
+    return b.op("Where", b.op("Unsqueeze", seen, b.const([1, 3, 4])), out,
+                b.const(0.0, np.float32))
 
 
 def _softcap(b: _Body, logits: str, softcap: str) -> str:
@@ -233,6 +295,18 @@ def _softcap(b: _Body, logits: str, softcap: str) -> str:
 def _graph(b: _Body, inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> onnx.GraphProto:
     return helper.make_graph(b.nodes, b.name("graph"), inputs,
                              [helper.make_empty_tensor_value_info(o) for o in outputs])
+
+
+def _branch(b: _Body, build) -> onnx.GraphProto:
+    sub = _Body(b.name("branch"))
+    out = build(sub)
+    return _graph(sub, [], [out])
+
+
+def _if(b: _Body, cond: str, then_build, else_build) -> str:
+    """If on a bool [1] ``cond`` whose branches ``build(sub_body) -> value``."""
+    return b.op("If", b.scalar(cond), then_branch=_branch(b, then_build),
+                else_branch=_branch(b, else_build))
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,120 +380,127 @@ def _loop_body(b: _Body, chunk: str) -> tuple[_Body, str, str]:
     return body, start, body.op("Add", start, chunk)
 
 
-def _select(body: _Body, scores: str, top_k: str, lk_vis: str) -> tuple[str, str, str]:
-    """TopK of each row: (indices int64 [B, C, K'], valid bool [B, C, K'], K' [1])."""
-    kk = body.op("Min", top_k, lk_vis)
-    vals, idx = body.op("TopK", scores, kk, outputs=2, axis=-1, largest=1, sorted=1)
-    valid = body.op("Not", body.op("IsInf", vals, detect_positive=0))
-    return idx, valid, kk
+def _select(b: _Body, scores: str, top_k: str, lk_vis: str):
+    """TopK of each row, in no particular order (ties go to the smaller key, as in the
+    reference): (values [B, C, K'], indices int64 [B, C, K'], valid bool [B, C, K'], K')."""
+    kk = b.op("Min", top_k, lk_vis)
+    vals, idx = b.op("TopK", scores, kk, outputs=2, axis=-1, largest=1, sorted=0)
+    valid = b.op("Not", b.op("IsInf", vals, detect_positive=0))
+    return vals, idx, valid, kk
 
 
-def _indexer_chunk(body: _Body, lk: str, qi: str, wi: str, k_idx_t: str, key_pos: str,
-                   first_pos: str, start: str, end: str, causal: str):
-    """Index scores of the chunk's queries and the number of keys any of them can see."""
-    qpos = body.op("Add", first_pos, body.op("Range", body.scalar(start), body.scalar(end),
-                                             body.const(1)))
-    qpos = body.op("Unsqueeze", qpos, body.const([1]))                      # [C, 1]
-    last_visible = body.op("Add", first_pos, end)                            # keys < this
-    lk_vis = body.op("Where", causal, body.op("Min", lk, last_visible), lk)
-    qic = body.slice(qi, start, end, 1)
-    wc = body.slice(wi, start, end, 1)
-    scores = _index_scores(body, qic, k_idx_t, wc, lk_vis, qpos, causal, key_pos)
-    return scores, lk_vis
+def _chunk_positions(b: _Body, lk: str, first_pos: str, start: str, end: str,
+                     causal: str) -> tuple[str, str]:
+    """Absolute positions of the chunk's rows (int64 [C, 1]) and how many keys any of them
+    can see (int64 [1])."""
+    qpos = b.op("Add", first_pos, b.op("Range", b.scalar(start), b.scalar(end), b.const(1)))
+    last_visible = b.op("Add", first_pos, end)                               # keys < this
+    lk_vis = b.op("Where", causal, b.op("Min", lk, last_visible), lk)
+    return b.op("Unsqueeze", qpos, b.const([1])), lk_vis
 
 
 def _indexer_inputs(b: _Body, q_idx: str, k_idx: str, w: str, first: str, rows_end: str,
-                    extra: str) -> tuple[str, str, str, str]:
-    """Rows first..rows_end of q_idx / w zero-padded by ``extra``, k_idx^T and key positions."""
+                    extra: str) -> tuple[str, str, str]:
+    """Rows first..rows_end of q_idx / w zero-padded by ``extra``, and k_idx^T."""
     qi = _pad_rows(b, b.slice(q_idx, first, rows_end, 1), 1, 4, extra)
     wi = _pad_rows(b, b.slice(w, first, rows_end, 1), 1, 3, extra)
     wi = b.op("Unsqueeze", wi, b.const([2]))                                 # [B, P, 1, H_I]
     k_idx_t = b.op("Transpose", k_idx, perm=[0, 2, 1])                       # [B, d_I, Lk]
-    key_pos = b.op("Range", b.const(0), b.scalar(b.dim(k_idx, 1)), b.const(1))
-    return qi, wi, k_idx_t, key_pos
+    return qi, wi, k_idx_t
 
 
-def _sparse_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str) -> str:
-    """DSA attention (indexer -> TopK -> sparse attention) of query rows first..Lq.
+def _keep(b: _Body, ins: dict) -> str | None:
+    """key_mask [B, Lk] as bool [B, 1, Lk], or None without one."""
+    if "key_mask" not in ins:
+        return None
+    return b.op("Unsqueeze", ins["key_mask"], b.const([1]))
 
-    Returns [B, Hq, Lq - first, Dv].
+
+def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: str,
+                  sparse: bool) -> str:
+    """Attention of query rows first..end, ``query_chunk`` rows per Loop iteration.
+
+    sparse=False: every row attends to all keys it can see (DSA's dense rows). sparse=True:
+    DSA (indexer -> TopK -> sparse attention), except in chunks whose rows see at most
+    top_k keys, which select all of them. Returns [B, Hq, end - first, Dv].
     """
-    q, k, v, q_idx, k_idx, w = (ins[n] for n in ("q", "k", "v", "q_idx", "k_idx", "w"))
-    rows = b.op("Sub", dims.lq, first)
+    q, k, v = ins["q"], ins["k"], ins["v"]
+    rows = b.op("Sub", end, first)
     trips, padded = _chunk_count(b, rows, a["query_chunk"])
     extra = b.op("Sub", padded, rows)
-    qs = _pad_rows(b, b.slice(q, first, dims.lq, 2), 2, 4, extra)
+    qs = _pad_rows(b, b.slice(q, first, end, 2), 2, 4, extra)
     qg = _grouped_queries(b, dims, qs, a["scale"], padded)                  # [B, Hkv, P, R, D]
-    qi, wi, k_idx_t, key_pos = _indexer_inputs(b, q_idx, k_idx, w, first, dims.lq, extra)
-    k_rows, v_rows, row_base = _kv_rows(b, dims, k, v)
     first_pos = b.op("Add", a["q_offset"], first)
     causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
+    keep = _keep(b, ins)
+    key_pos = b.op("Range", b.const(0), b.scalar(dims.lk), b.const(1))
 
-    body, start, end = _loop_body(b, a["query_chunk"])
-    scores, lk_vis = _indexer_chunk(body, dims.lk, qi, wi, k_idx_t, key_pos, first_pos, start,
-                                    end, causal)
-    idx, valid, _ = _select(body, scores, a["top_k"], lk_vis)
-    qc = body.slice(qg, start, end, 2)                                       # [B, Hkv, C, R, D]
-    one = body.const([1])
+    body, start, stop = _loop_body(b, a["query_chunk"])
+    qpos, lk_vis = _chunk_positions(body, dims.lk, first_pos, start, stop, causal)
+    hidden = _hidden_keys(body, lk_vis, qpos, causal, key_pos, keep)
+    qc = body.slice(qg, start, stop, 2)                                      # [B, Hkv, C, R, D]
 
-    def gathered(sub: _Body) -> str:
-        return _sparse_chunk(sub, qc, k_rows, v_rows, row_base, sub.op("Unsqueeze", idx, one),
-                             sub.op("Unsqueeze", valid, one), a["softcap"], with_lse=False)[0]
+    def every_visible_key(sub: _Body) -> str:
+        out = _visible_chunk(sub, qc, k, v, lk_vis, hidden, a["softcap"])
+        if keep is None:
+            return out
+        seen = sub.op("ReduceMax", sub.op("Cast", sub.op("Not", hidden), to=TensorProto.FLOAT),
+                      sub.const([-1]), keepdims=0)                           # [B, C]
+        return _zero_unseen(sub, out, sub.op("Cast", seen, to=TensorProto.BOOL))
 
-    def masked_dense(sub: _Body) -> str:
-        return _masked_dense_chunk(sub, qc, k, v, idx, valid, lk_vis, a["softcap"])
+    if sparse:
+        qi, wi, k_idx_t = _indexer_inputs(b, ins["q_idx"], ins["k_idx"], ins["w"], first, end,
+                                          extra)
+        k_rows, v_rows, row_base = _kv_rows(b, dims, k, v)
 
-    short = body.op("LessOrEqual", lk_vis, body.const([GATHER_ABOVE_KEYS]))
-    out = body.op("If", body.scalar(short), then_branch=_branch(body, masked_dense),
-                  else_branch=_branch(body, gathered))
+        def selected_keys(sub: _Body) -> str:
+            scores = _index_scores(sub, sub.slice(qi, start, stop, 1), k_idx_t,
+                                   sub.slice(wi, start, stop, 1), lk_vis, hidden)
+            vals, idx, valid, _ = _select(sub, scores, a["top_k"], lk_vis)
+            one = sub.const([1])
+
+            def gathered(s: _Body) -> str:
+                return _sparse_chunk(s, qc, k_rows, v_rows, row_base,
+                                     s.op("Unsqueeze", idx, one), s.op("Unsqueeze", valid, one),
+                                     a["softcap"], with_lse=False)[0]
+
+            def masked_dense(s: _Body) -> str:
+                return _masked_dense_chunk(s, qc, k, v, idx, valid, lk_vis, a["softcap"])
+
+            short = sub.op("LessOrEqual", lk_vis, sub.const([GATHER_ABOVE_KEYS]))
+            out = _if(sub, short, masked_dense, gathered)
+            if keep is None:
+                return out
+            best = sub.op("ReduceMax", vals, sub.const([-1]), keepdims=0)       # [B, C]
+            return _zero_unseen(sub, out, sub.op("Not", sub.op("IsInf", best,
+                                                               detect_positive=0)))
+
+        out = _if(body, body.op("LessOrEqual", lk_vis, a["top_k"]), every_visible_key,
+                  selected_keys)
+    else:
+        out = every_visible_key(body)
     (scanned,) = _loop(b, trips, body, [out])
     return _ungroup(b, dims, scanned, padded, rows, dims.dv)
 
 
-def _dense_rows(b: _Body, dims: _Dims, ins: dict, a: dict, n: str) -> str:
-    """Exact attention of query rows 0..n with opset-23 Attention: [B, Hq, n, Dv].
-
-    Only the rows that DSA itself sends to dense attention (at most
-    max(top_k, dense_below) visible keys) come here, so the [n, keys] mask is bounded
-    by the configuration, not by the sequence length.
-    """
-    zero = b.const([0])
-    causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
-    keys = b.op("Where", causal, b.op("Min", dims.lk, b.op("Add", a["q_offset"], n)), dims.lk)
-    qd = b.op("Mul", b.slice(ins["q"], zero, n, 2), a["scale"])
-    kd = b.slice(ins["k"], zero, keys, 2)
-    vd = b.slice(ins["v"], zero, keys, 2)
-    qpos = b.op("Add", a["q_offset"], b.op("Range", b.const(0), b.scalar(n), b.const(1)))
-    kpos = b.op("Range", b.const(0), b.scalar(keys), b.const(1))
-    visible = b.op("LessOrEqual", b.op("Unsqueeze", kpos, zero),
-                   b.op("Unsqueeze", qpos, b.const([1])))
-    mask = b.op("Or", visible, b.op("Not", causal))                          # [n, keys]
-    node = helper.make_node("Attention", [qd, kd, vd, mask], [b.name("dense")], scale=1.0)
-    node.attribute.append(helper.make_attribute_ref("softcap", AttributeProto.FLOAT,
-                                                    ref_attr_name="softcap"))
-    b.nodes.append(node)
-    return node.output[0]
-
-
-def _branch(b: _Body, build) -> tuple[onnx.GraphProto]:
-    sub = _Body(b.name("branch"))
-    out = build(sub)
-    return _graph(sub, [], [out])
+def _inputs(names: list[str], key_mask: bool) -> list[str]:
+    return [*names, "key_mask"] if key_mask else list(names)
 
 
 _ATTENTION_ATTRS = {"top_k": "int", "scale": "float", "causal": "int", "q_offset": "int",
                     "softcap": "float", "dense_below": "int", "query_chunk": "int"}
 
 
-def attention_function() -> onnx.FunctionProto:
-    """``dsa.Attention(q, k, v, q_idx, k_idx, w) -> out``: one site's DSA attention.
+def attention_function(key_mask: bool = False) -> onnx.FunctionProto:
+    """``dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask]) -> out``: one site's DSA attention.
 
-    Same semantics as ``torch.ops.dsa.attention`` without key_mask: the leading queries
-    with at most max(top_k, dense_below) visible keys (dense_below > 0) take exact
-    attention, the rest indexer top-k + sparse attention.
+    Same semantics as ``torch.ops.dsa.attention``: the leading queries with at most
+    max(top_k, dense_below) visible keys (dense_below > 0) take exact attention, the rest
+    indexer top-k + sparse attention. With ``key_mask`` the body takes a 7th input and is
+    the KEY_MASK_OVERLOAD overload.
     """
     b = _Body("attn")
-    names = ["q", "k", "v", "q_idx", "k_idx", "w"]
+    names = _inputs(["q", "k", "v", "q_idx", "k_idx", "w"], key_mask)
     ins = {n: n for n in names}
     a = _attributes(b, _ATTENTION_ATTRS)
     dims = _Dims(b, "q", "k", "v")
@@ -431,41 +512,48 @@ def attention_function() -> onnx.FunctionProto:
     n_full = b.op("Where", b.op("LessOrEqual", dims.lk, threshold), dims.lq, zero)
     n_dense = b.op("Where", causal, n_causal, n_full)
 
+    def dense(sub: _Body, end: str) -> str:
+        return _chunked_rows(sub, dims, ins, a, zero, end, sparse=False)
+
+    def sparse(sub: _Body, first: str) -> str:
+        return _chunked_rows(sub, dims, ins, a, first, dims.lq, sparse=True)
+
     def mixed(sub: _Body) -> str:
-        dense = _dense_rows(sub, dims, ins, a, n_dense)
-        return sub.op("Concat", dense, _sparse_rows(sub, dims, ins, a, n_dense), axis=2)
+        return sub.op("Concat", dense(sub, n_dense), sparse(sub, n_dense), axis=2)
 
     def sparse_or_mixed(sub: _Body) -> str:
-        return sub.op("If", sub.scalar(sub.op("Equal", n_dense, zero)),
-                      then_branch=_branch(sub, lambda s: _sparse_rows(s, dims, ins, a, zero)),
-                      else_branch=_branch(sub, mixed))
+        return _if(sub, sub.op("Equal", n_dense, zero), lambda s: sparse(s, zero), mixed)
 
-    out = b.op("If", b.scalar(b.op("Equal", n_dense, dims.lq)),
-               then_branch=_branch(b, lambda s: _dense_rows(s, dims, ins, a, dims.lq)),
-               else_branch=_branch(b, sparse_or_mixed))
+    out = _if(b, b.op("Equal", n_dense, dims.lq), lambda s: dense(s, dims.lq), sparse_or_mixed)
     b.nodes.append(helper.make_node("Identity", [out], ["out"]))
-    return _function("Attention", names, ["out"], b, _ATTENTION_ATTRS)
+    return _function("Attention", names, ["out"], b, _ATTENTION_ATTRS, key_mask)
 
 
 _INDEXER_ATTRS = {"top_k": "int", "q_offset": "int", "causal": "int", "query_chunk": "int"}
 
 
-def indexer_topk_function() -> onnx.FunctionProto:
-    """``dsa.IndexerTopK(q_idx, k_idx, w) -> indices`` int32 [B, Lq, top_k] (ascending, -1 pad)."""
+def indexer_topk_function(key_mask: bool = False) -> onnx.FunctionProto:
+    """``dsa.IndexerTopK(q_idx, k_idx, w[, key_mask]) -> indices`` int32 [B, Lq, top_k]
+    (ascending, -1 pad); with ``key_mask`` the KEY_MASK_OVERLOAD overload."""
     b = _Body("topk")
+    names = _inputs(["q_idx", "k_idx", "w"], key_mask)
     a = _attributes(b, _INDEXER_ATTRS)
     zero = b.const([0])
     lq = b.dim("q_idx", 1)
     lk = b.dim("k_idx", 1)
     trips, padded = _chunk_count(b, lq, a["query_chunk"])
     extra = b.op("Sub", padded, lq)
-    qi, wi, k_idx_t, key_pos = _indexer_inputs(b, "q_idx", "k_idx", "w", zero, lq, extra)
+    qi, wi, k_idx_t = _indexer_inputs(b, "q_idx", "k_idx", "w", zero, lq, extra)
+    key_pos = b.op("Range", b.const(0), b.scalar(lk), b.const(1))
     causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
+    keep = _keep(b, {n: n for n in names})
 
     body, start, end = _loop_body(b, a["query_chunk"])
-    scores, lk_vis = _indexer_chunk(body, lk, qi, wi, k_idx_t, key_pos, a["q_offset"], start,
-                                    end, causal)
-    idx, valid, kk = _select(body, scores, a["top_k"], lk_vis)
+    qpos, lk_vis = _chunk_positions(body, lk, a["q_offset"], start, end, causal)
+    hidden = _hidden_keys(body, lk_vis, qpos, causal, key_pos, keep)
+    scores = _index_scores(body, body.slice(qi, start, end, 1), k_idx_t,
+                           body.slice(wi, start, end, 1), lk_vis, hidden)
+    _, idx, valid, kk = _select(body, scores, a["top_k"], lk_vis)
     # Ascending key order with unused slots last: park invalid slots at Lk, sort, mark -1.
     parked = body.op("Where", valid, idx, lk)
     asc, _ = body.op("TopK", parked, kk, outputs=2, axis=-1, largest=0, sorted=1)
@@ -476,7 +564,7 @@ def indexer_topk_function() -> onnx.FunctionProto:
     x = b.op("Transpose", scanned, perm=[1, 0, 2, 3])
     x = b.op("Reshape", x, b.cat(b.dim("q_idx", 0), padded, a["top_k"]))
     b.nodes.append(helper.make_node("Slice", [x, zero, lq, b.const([1])], ["indices"]))
-    return _function("IndexerTopK", ["q_idx", "k_idx", "w"], ["indices"], b, _INDEXER_ATTRS)
+    return _function("IndexerTopK", names, ["indices"], b, _INDEXER_ATTRS, key_mask)
 
 
 _SPARSE_ATTRS = {"scale": "float", "softcap": "float", "query_chunk": "int"}
@@ -516,46 +604,80 @@ ATTRIBUTE_DEFAULTS = {"causal": 1, "q_offset": 0, "softcap": 0.0, "dense_below":
 
 
 def _function(name: str, inputs: list[str], outputs: list[str], b: _Body,
-              attrs: dict[str, str]) -> onnx.FunctionProto:
+              attrs: dict[str, str], key_mask: bool = False) -> onnx.FunctionProto:
     required = [a for a in attrs if a not in ATTRIBUTE_DEFAULTS]
     defaults = [helper.make_attribute(a, ATTRIBUTE_DEFAULTS[a]) for a in attrs
                 if a in ATTRIBUTE_DEFAULTS]
+    overload = KEY_MASK_OVERLOAD if key_mask else None
     return helper.make_function(DOMAIN, name, inputs, outputs, b.nodes,
                                 [helper.make_opsetid("", ONNX_OPSET)], attributes=required,
-                                attribute_protos=defaults,
+                                attribute_protos=defaults, overload=overload,
                                 doc_string=f"dsa.{name} v{VERSION} in standard ONNX ops "
                                            f"(query-chunked Loop; see dsa_compile.onnx).")
 
 
-def all_functions() -> dict[str, onnx.FunctionProto]:
-    """{op name: FunctionProto} for every dsa op."""
-    return {"Attention": attention_function(), "IndexerTopK": indexer_topk_function(),
-            "SparseAttention": sparse_attention_function()}
-
-
+# Inputs and outputs of each op as in the schemas; ops in _KEY_MASK_OPS also take an
+# optional trailing key_mask.
 _SIGNATURES = {
     "Attention": (["q", "k", "v", "q_idx", "k_idx", "w"], ["out"]),
     "IndexerTopK": (["q_idx", "k_idx", "w"], ["indices"]),
     "SparseAttention": (["q", "k", "v", "indices"], ["out", "lse"]),
 }
+_KEY_MASK_OPS = {"Attention": attention_function, "IndexerTopK": indexer_topk_function}
 
 
-def op_model(op: str, **attrs) -> onnx.ModelProto:
+def overload_of(node: onnx.NodeProto) -> str:
+    """The function overload a ``dsa`` node needs: KEY_MASK_OVERLOAD when it is given a
+    key_mask (an input past the schema's required ones), else ""."""
+    required = len(_SIGNATURES[node.op_type][0])
+    given = [name for name in node.input[required:] if name]
+    return KEY_MASK_OVERLOAD if given and node.op_type in _KEY_MASK_OPS else ""
+
+
+def function(op: str, overload: str = "") -> onnx.FunctionProto:
+    """The FunctionProto of ``dsa.<op>`` with the given overload ("" or KEY_MASK_OVERLOAD).
+
+    Raises:
+        ValueError: an unknown op, or an op without that overload.
+    """
+    if op not in _SIGNATURES:
+        raise ValueError(f"no dsa op {op!r}; the ops are {sorted(_SIGNATURES)}")
+    if overload == "":
+        return {"Attention": attention_function, "IndexerTopK": indexer_topk_function,
+                "SparseAttention": sparse_attention_function}[op]()
+    if overload == KEY_MASK_OVERLOAD and op in _KEY_MASK_OPS:
+        return _KEY_MASK_OPS[op](key_mask=True)
+    raise ValueError(f"dsa.{op} has no function overload {overload!r}")
+
+
+def all_functions() -> dict[tuple[str, str], onnx.FunctionProto]:
+    """{(op name, overload): FunctionProto} for every dsa op and overload."""
+    pairs = [(op, "") for op in _SIGNATURES] + [(op, KEY_MASK_OVERLOAD) for op in _KEY_MASK_OPS]
+    return {(op, overload): function(op, overload) for op, overload in pairs}
+
+
+def op_model(op: str, key_mask: bool = False, **attrs) -> onnx.ModelProto:
     """A model of one ``dsa.<op>`` node with its function: for tests and benchmarks.
 
     Inputs and outputs are named as in the schema: float32 tensors, ``indices`` int32
-    (SparseAttention's input, IndexerTopK's output); ``lse`` float32; all dims dynamic.
+    (SparseAttention's input, IndexerTopK's output), ``key_mask`` bool [B, Lk] (an
+    extra input with ``key_mask=True``); ``lse`` float32; all dims dynamic.
     """
     inputs, outputs = _SIGNATURES[op]
+    if key_mask:
+        if op not in _KEY_MASK_OPS:
+            raise ValueError(f"dsa.{op} takes no key_mask")
+        inputs = [*inputs, "key_mask"]
     attrs.setdefault("query_chunk", DEFAULT_QUERY_CHUNK)
+    types = {"indices": TensorProto.INT32, "key_mask": TensorProto.BOOL}
 
     def info(name: str) -> onnx.ValueInfoProto:
-        dtype = TensorProto.INT32 if name == "indices" else TensorProto.FLOAT
-        return helper.make_tensor_value_info(name, dtype, None)
+        return helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None)
 
-    graph = helper.make_graph(
-        [helper.make_node(op, inputs, outputs, domain=DOMAIN, **attrs)], f"dsa_{op}",
-        [info(n) for n in inputs], [info(n) for n in outputs])
+    node = helper.make_node(op, inputs, outputs, domain=DOMAIN, **attrs)
+    node.overload = overload_of(node)
+    graph = helper.make_graph([node], f"dsa_{op}", [info(n) for n in inputs],
+                              [info(n) for n in outputs])
     return helper.make_model(
-        graph, functions=[all_functions()[op]], ir_version=10,
+        graph, functions=[function(op, node.overload)], ir_version=10,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, VERSION)])

@@ -16,10 +16,10 @@ onnxruntime 1.32 ships DSA-style contrib ops with CUDA and WebGPU kernels only:
     dsa.IndexerTopK -> com.microsoft.DynamicSparseAttention
 
 for onnxruntime-gpu users. Only prefill without a KV cache is expressed (q_offset 0,
-causal, dense_below 0, softcap 0, Dv == D); other nodes raise ValueError. Not run here:
-this machine has no CUDA, and onnxruntime's CPU provider has no kernel for the op, so
-the rewritten graph is only checked against the installed contrib schema (a CPU session
-gets past graph resolution and type inference, then finds no kernel).
+causal, dense_below 0, softcap 0, no key_mask, Dv == D); other nodes raise ValueError.
+Not run here: this machine has no CUDA, and onnxruntime's CPU provider has no kernel for
+the op, so the rewritten graph is only checked against the installed contrib schema (a
+CPU session gets past graph resolution and type inference, then finds no kernel).
 """
 
 from __future__ import annotations
@@ -44,11 +44,14 @@ def _replacement(node: onnx.NodeProto, num_heads: int, kv_num_heads: int,
                    if attrs.get(name, default) != default}
     if attrs.get("causal", 1) != 1:
         unsupported["causal"] = attrs["causal"]
+    if len(node.input) > 6 and node.input[6]:
+        unsupported["key_mask"] = node.input[6]
     if unsupported:
         raise ValueError(f"node {node.name or node.output[0]!r}: DynamicSparseAttention cannot "
-                         f"express {unsupported}; export with q_offset 0, causal, dense_below 0 "
-                         f"and softcap 0 for the com.microsoft target")
-    q, k, v, q_idx, k_idx, w = node.input
+                         f"express {unsupported}; export with q_offset 0, causal, dense_below 0, "
+                         f"softcap 0 and no key_mask (unpadded input) for the com.microsoft "
+                         f"target")
+    q, k, v, q_idx, k_idx, w = node.input[:6]
     n = lambda s: f"{prefix}_{s}"  # noqa: E731  (value names local to this node)
     top_k = attrs["top_k"]
     nodes = [

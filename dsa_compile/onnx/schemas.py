@@ -5,12 +5,16 @@ With these registered, ``onnx.checker.check_model(full_check=True)`` and
 onnxruntime does not need them: it runs the model-local functions of
 :mod:`dsa_compile.onnx.functions`.
 
-    dsa.Attention(q, k, v, q_idx, k_idx, w) -> out
+    dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask]) -> out
         q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv],
-        q_idx [B, Lq, H_I, d_I], k_idx [B, Lk, d_I], w [B, Lq, H_I] -> out [B, Hq, Lq, Dv]
-    dsa.IndexerTopK(q_idx, k_idx, w) -> indices int32 [B, Lq, top_k]
+        q_idx [B, Lq, H_I, d_I], k_idx [B, Lk, d_I], w [B, Lq, H_I],
+        key_mask bool [B, Lk] (optional, True = the key exists) -> out [B, Hq, Lq, Dv]
+    dsa.IndexerTopK(q_idx, k_idx, w[, key_mask]) -> indices int32 [B, Lq, top_k]
     dsa.SparseAttention(q, k, v, indices [B, G, Lq, K]) -> out [B, Hq, Lq, Dv],
                                                            lse float [B, Hq, Lq]
+
+A node given a key_mask runs the function overload ``key_mask`` (see
+:mod:`dsa_compile.onnx.functions`); the schema is the same.
 
 Registration is explicit (:func:`register_schemas`, idempotent) so importing the
 package changes no global onnx state.
@@ -28,6 +32,13 @@ _FLOATS = ["tensor(float)"]
 _Attr = defs.OpSchema.Attribute
 _AttrType = defs.OpSchema.AttrType
 _Param = defs.OpSchema.FormalParameter
+
+
+def _key_mask_param() -> defs.OpSchema.FormalParameter:
+    return _Param("key_mask", "tensor(bool)",
+                  "[B, Lk], True where the key exists (padding = False); hidden keys are "
+                  "never selected nor attended, a query without any key outputs 0",
+                  param_option=defs.OpSchema.FormalParameterOption.Optional)
 
 
 def _dims(ctx, index: int) -> list[onnx.TensorShapeProto.Dimension] | None:
@@ -91,10 +102,11 @@ def _attention_schema() -> defs.OpSchema:
         "Attention", DOMAIN, VERSION,
         "DSA attention of one site: lightning indexer -> top-k -> sparse attention. Queries "
         "with at most max(top_k, dense_below) visible keys (dense_below > 0) take exact "
-        "attention. Semantics of torch.ops.dsa.attention without key_mask.",
+        "attention. Semantics of torch.ops.dsa.attention.",
         inputs=[_Param("q", "T", "[B, Hq, Lq, D]"), _Param("k", "T", "[B, Hkv, Lk, D]"),
                 _Param("v", "T", "[B, Hkv, Lk, Dv]"), _Param("q_idx", "T", "[B, Lq, H_I, d_I]"),
-                _Param("k_idx", "T", "[B, Lk, d_I]"), _Param("w", "T", "[B, Lq, H_I]")],
+                _Param("k_idx", "T", "[B, Lk, d_I]"), _Param("w", "T", "[B, Lq, H_I]"),
+                _key_mask_param()],
         outputs=[_Param("out", "T", "[B, Hq, Lq, Dv]")],
         type_constraints=[("T", _FLOATS, "float tensors")],
         attributes=[
@@ -118,9 +130,9 @@ def _indexer_topk_schema() -> defs.OpSchema:
         "IndexerTopK", DOMAIN, VERSION,
         "Each query's top_k keys by lightning-indexer score I[t, s] = sum_j w[t, j] * "
         "ReLU(q_idx[t, j] . k_idx[s]); ascending key order, -1 in unused slots, ties to the "
-        "smaller key index.",
+        "smaller key index; keys hidden by key_mask are never selected.",
         inputs=[_Param("q_idx", "T", "[B, Lq, H_I, d_I]"), _Param("k_idx", "T", "[B, Lk, d_I]"),
-                _Param("w", "T", "[B, Lq, H_I]")],
+                _Param("w", "T", "[B, Lq, H_I]"), _key_mask_param()],
         outputs=[_Param("indices", "tensor(int32)", "[B, Lq, top_k]")],
         type_constraints=[("T", _FLOATS, "float tensors")],
         attributes=[
