@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from dsa_compile.config import DSAConfig
 from dsa_compile.passes import SiteRecord, run_passes
+from dsa_compile.passes.fit import fit_new_indexers
 
 
 @dataclasses.dataclass
@@ -107,7 +108,9 @@ def apply(model_or_graph_module, example_args, config: DSAConfig | None = None) 
 
     Returns:
         An ``fx.GraphModule`` computing the model with ``torch.ops.dsa.attention`` in
-        place of each rewritten site; ``.dsa_report`` holds the :class:`Report`.
+        place of each rewritten site; ``.dsa_report`` holds the :class:`Report`. New
+        indexers are fitted, training-free, on ``example_args`` (at least 256 tokens;
+        shorter inputs leave them data-free, with a warning).
 
     Raises:
         TypeError: the model is not a module or exported program.
@@ -117,6 +120,10 @@ def apply(model_or_graph_module, example_args, config: DSAConfig | None = None) 
     params = _params(gm, model_or_graph_module)
     records = run_passes(gm, config, params, lookup=_lookup(gm))
     gm.dsa_report = Report(records)
+    if any(r.rewritten for r in records):
+        args, kwargs = _split_args(example_args)
+        flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs))]
+        fit_new_indexers(gm, lambda: gm(*args, **kwargs), flat)
     return gm
 
 

@@ -192,3 +192,17 @@ def test_reference_style_dsa_is_lowered_to_dsa_ops():
     assert not any(getattr(n, "name", "").startswith("dsa_indexer") for n in g.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(g(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_apply_fits_new_indexers_on_the_example_inputs():
+    """apply, like the backend, must not leave the indexers data-free (they would select
+    poorly in everything built on it, ONNX export included)."""
+    from dsa_compile.indexer import REGISTRY
+
+    model = M.llama("sdpa")
+    ids = torch.randint(0, 64, (1, 300))
+    gm = dsa_compile.apply(model, (ids,), DSAConfig(top_k=4096, dense_below=0))
+    indexers = REGISTRY.indexers_of(model)
+    assert len(indexers) == 2 and all(ix.fitted for ix in indexers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
