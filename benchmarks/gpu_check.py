@@ -118,7 +118,8 @@ def probe_indexer_parts(length: int) -> None:
     import triton.testing
 
     from dsa_compile.indexer import default_index_shape
-    from dsa_compile.kernels.indexer_topk import indexer_scores_chunk, select_topk_exact
+    from dsa_compile.kernels.indexer_topk import indexer_scores_chunk
+    from dsa_compile.reference.indexer import select_topk
 
     dev = torch.device("cuda")
     for h_i, d_i in (default_index_shape(HQ, HKV, D), (4, 128)):
@@ -130,7 +131,7 @@ def probe_indexer_parts(length: int) -> None:
         scores = functools.partial(indexer_scores_chunk, qi, ki, w, row0, rows, length, 0, True,
                                    None)
         ms_s = triton.testing.do_bench(scores, return_mode="median")
-        ms_t = triton.testing.do_bench(functools.partial(select_topk_exact, scores(), TOP_K),
+        ms_t = triton.testing.do_bench(functools.partial(select_topk, scores(), TOP_K),
                                        return_mode="median")
         flops = 2 * h_i * d_i * rows * (row0 + rows / 2)
         print(f"probe L={length} {h_i}x{d_i} last {rows} rows: scores {ms_s:.3f} ms "

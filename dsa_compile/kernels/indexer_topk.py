@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsa_compile.reference.indexer import select_topk
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Float32 scores kept per chunk of query rows (bytes); bounds the selection's memory.
@@ -145,32 +147,6 @@ def indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal, k
     return out
 
 
-def select_topk_exact(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Top-k of each row of ``scores`` [B, C, W] float32 -> int32 [B, C, top_k].
-
-    Same contract as the reference's select_topk (ascending keys, trailing -1, ties to
-    the smaller index), through torch.topk plus an exact repair of tied rows.
-    """
-    width = scores.shape[-1]
-    k = min(top_k, width)
-    vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
-    kth = vals.min(dim=-1, keepdim=True).values
-    # torch.topk breaks ties arbitrarily. A row is exact unless its k-th value is finite
-    # and more keys than k reach it; redo only those rows with a stable sort.
-    tied = (kth.squeeze(-1) > float("-inf")) & ((scores >= kth).sum(-1) > k)
-    if bool(tied.any()):
-        rows = scores[tied]
-        idx[tied] = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :k]
-        vals[tied] = torch.gather(rows, -1, idx[tied])
-    # Unused slots sort last as `width`; int32 sorts faster than int64.
-    idx = torch.where(vals > float("-inf"), idx, width).to(torch.int32)
-    idx = torch.sort(idx, dim=-1).values
-    idx = idx.masked_fill_(idx == width, -1)
-    if k < top_k:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_k - k), -1)], dim=-1)
-    return idx
-
-
 def indexer_topk(
     q_idx: torch.Tensor,
     k_idx: torch.Tensor,
@@ -211,5 +187,5 @@ def indexer_topk(
             continue
         scores = indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal,
                                       key_mask)
-        out[:, row0 : row0 + rows] = select_topk_exact(scores, top_k)
+        out[:, row0 : row0 + rows] = select_topk(scores, top_k)
     return out

@@ -91,34 +91,27 @@ def select_topk(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
     The selected set is the top_k largest finite scores, ties broken by the smaller key
     index; within a row the indices are in ascending key order and unused slots (fewer
-    than top_k visible keys) are -1 at the end.
+    than top_k visible keys) are -1 at the end. (The CUDA path uses this too, on its
+    Triton-computed score chunks.)
     """
-    lk = scores.shape[-1]
-    k = min(top_k, lk)
-    vals, order = torch.topk(scores, k, dim=-1)
-    # torch.topk may break a tie at the k-th value either way: rows where the k-th value
-    # also occurs outside the selection are redone with the exact tie rule.
-    kth = vals[..., -1:]
-    finite = kth > float("-inf")
-    ties = (scores == kth).sum(-1, keepdim=True) > (vals == kth).sum(-1, keepdim=True)
-    crossing = finite & ties
-    if crossing.any():
-        rows = crossing[..., 0]
-        order[rows] = _topk_smaller_index_on_ties(scores[rows], k)
-        vals[rows] = torch.gather(scores[rows], -1, order[rows])
-    order = torch.where(vals > float("-inf"), order, torch.full_like(order, lk))
-    order = torch.sort(order, dim=-1).values  # ascending keys, unused slots (lk) last
-    order = torch.where(order == lk, torch.full_like(order, -1), order)
+    width = scores.shape[-1]
+    k = min(top_k, width)
+    vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
+    kth = vals.min(dim=-1, keepdim=True).values
+    # torch.topk breaks ties arbitrarily. A row is exact unless its k-th value is finite
+    # and more keys than k reach it; redo only those rows with a stable sort.
+    tied = (kth.squeeze(-1) > float("-inf")) & ((scores >= kth).sum(-1) > k)
+    if bool(tied.any()):
+        rows = scores[tied]
+        idx[tied] = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :k]
+        vals[tied] = torch.gather(rows, -1, idx[tied])
+    # Unused slots sort last as `width`; int32 sorts faster than int64.
+    idx = torch.where(vals > float("-inf"), idx, width).to(torch.int32)
+    idx = torch.sort(idx, dim=-1).values
+    idx = idx.masked_fill_(idx == width, -1)
     if k < top_k:
-        pad = order.new_full((*order.shape[:-1], top_k - k), -1)
-        order = torch.cat([order, pad], dim=-1)
-    return order.to(torch.int32)
-
-
-def _topk_smaller_index_on_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [..., k] of the k largest of ``scores`` [..., Lk], the smaller index first
-    among equal values (order within the result unspecified)."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_k - k), -1)], dim=-1)
+    return idx
 
 
 def indexer_topk(
