@@ -116,3 +116,18 @@ def test_first_compile_fits_the_indexers_on_the_example_inputs(dynamic):
     assert len(indexers) == 2 and all(ix.fitted for ix in indexers.values())
     assert all(r.rewritten for r in backend.LAST_RECORDS)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_graph_reads_the_live_indexer_parameters():
+    """Calibrating after compiling must reach the compiled graph (no frozen copies)."""
+    from dsa_compile.indexer import REGISTRY
+
+    model = M.llama("sdpa")
+    ids = torch.randint(0, 64, (1, 300))
+    compiled = _compile(model, {"top_k": 8, "dense_below": 0})
+    with torch.no_grad():
+        before = compiled(input_ids=ids)[0]
+        for indexer in REGISTRY.indexers_of(model).values():
+            indexer.wk.mul_(-1.0)
+        after = compiled(input_ids=ids)[0]
+    assert backend.CALLS["count"] >= 1 and (before - after).abs().max() > 1e-3
