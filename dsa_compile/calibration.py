@@ -178,7 +178,7 @@ def _rows(length: int, count: int, top_k: int, gen: random.Random) -> Tensor:
 
 
 def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = None,
-              steps: int = 300, lr: float = 3e-3, *, rows_per_step: int = 64,
+              steps: int = 300, lr: float = 1e-2, *, rows_per_step: int = 128,
               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 50,
               progress: bool = True, seed: int = 0,
               recall_weight: float = 0.0) -> CalibrationResult:
@@ -190,7 +190,10 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
         config: top_k (queries seeing more keys are the ones trained) and indexer shape.
         steps: optimiser steps; each takes ``rows_per_step`` random query rows of one
             random batch, for every site.
-        lr: Adam learning rate, relative to each parameter tensor's RMS.
+        lr: Adam learning rate, relative to each parameter tensor's RMS. The defaults
+            (300 steps, lr 1e-2, 128 rows) were measured on SmolLM2-135M, L = 2048,
+            top_k = 256, 4 x 2048 tokens: KL 0.461 -> 0.101, perplexity 1.020x -> 1.011x
+            of dense (100 steps at lr 3e-3 and 64 rows: KL 0.169, still 1.020x).
         checkpoint_dir: where ``indexers.safetensors``, ``optimizer.safetensors``,
             ``state.json`` (step, losses) and ``log.jsonl`` go every ``checkpoint_every``
             steps; an existing checkpoint there is resumed.

@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", type=int, default=256)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--blocks", type=int, default=2, help="evaluation blocks of --length")
-    parser.add_argument("--steps", type=int, default=100, help="calibration steps")
+    parser.add_argument("--steps", type=int, default=300, help="calibration steps")
     parser.add_argument("--calib-blocks", type=int, default=4)
     parser.add_argument("--passkey", type=int, nargs="*", default=[1536, 4096],
                         help="haystack lengths in tokens")
