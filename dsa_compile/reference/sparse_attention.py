@@ -39,15 +39,14 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * hkv * lk, d).index_select(0, flat).view(b, hkv, c, k, d)
 
 
-def _chunk_probs(q, k, indices, scale, softcap):
-    """Scores for one chunk. q: [B, Hkv, R, C, D] -> (scores [B,Hkv,R,C,K], valid, kg)."""
-    valid = indices >= 0  # [B, G, C, K]
+def _chunk_scores(q, k, indices, scale, softcap):
+    """Scores of one chunk over its gathered keys: q [B, Hkv, R, C, D], indices
+    [B, G, C, K] -> [B, Hkv, R, C, K], -inf in -1 slots."""
     kg = _gather_rows(k, indices.clamp_min(0).long())
     s = torch.einsum("bgrcd,bgckd->bgrck", q, kg) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~valid[:, :, None], float("-inf"))
-    return s, valid
+    return s.masked_fill((indices < 0)[:, :, None], float("-inf"))
 
 
 def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
@@ -60,7 +59,7 @@ def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
 
 def _chunk_gathered(q, k, v, idx, scale, softcap):
     """q [B, Hkv, R, C, D], idx [B, G, C, K]: gather the K selected rows of k and v."""
-    s, _ = _chunk_probs(q, k, idx, scale, softcap)
+    s = _chunk_scores(q, k, idx, scale, softcap)
     vg = _gather_rows(v, idx.clamp_min(0).long())
     return _softmax_out(s, vg, "bgrck,bgcke->bgrce")
 
@@ -153,8 +152,9 @@ def sparse_attention(
     kf, vf = k.float(), v.float()
     # Keys past the last selected one are never needed (causal rows select a prefix).
     reach = _reach(indices, k.shape[2])
-    if reach <= DENSE_GEMM_RATIO * topk or (reach <= FUSED_RATIO * topk and
-                                              _use_fused(q, k, v, indices, softcap)):
+    fused = reach <= FUSED_RATIO * topk and _use_fused(q, k, v, indices, softcap)
+    gemm = not fused and reach <= DENSE_GEMM_RATIO * topk
+    if fused or gemm:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hq * max(reach, 1)))
     else:
         chunk = _query_chunk(b, hkv, topk, max(d, v.shape[-1]))
@@ -162,7 +162,6 @@ def sparse_attention(
     # the per-chunk buffers would fragment the heap and grow RSS chunk after chunk.
     out = q.new_empty((b, hkv, r, lq, v.shape[-1]), dtype=torch.float32)
     lse = q.new_empty((b, hkv, r, lq), dtype=torch.float32)
-    fused = reach <= FUSED_RATIO * topk and _use_fused(q, k, v, indices, softcap)
     if fused:
         k_rep = kf[:, :, None, :reach].expand(b, hkv, r, reach, d).reshape(b, hq, reach, d)
         dv = v.shape[-1]
@@ -172,7 +171,7 @@ def sparse_attention(
         qc = qf[:, :, :, s0 : s0 + chunk]
         if fused:
             o, l_ = _chunk_fused(qc, k_rep, v_rep, idx, scale)
-        elif reach <= DENSE_GEMM_RATIO * topk:
+        elif gemm:
             o, l_ = _chunk_dense(qc, kf, vf, idx, scale, softcap)
         else:
             o, l_ = _chunk_gathered(qc, kf, vf, idx, scale, softcap)
