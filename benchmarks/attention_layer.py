@@ -16,6 +16,10 @@ print FAILED instead of a time. Methods:
 - dsa[HxD]:     indexer_topk + sparse_attention, every query sparse (dense_below=0)
 - dsa_op[HxD]:  torch.ops.dsa.attention with dense_below=top_k (first top_k queries
                 dense: exact there)
+- indexer_fp8[HxD], dsa_fp8[HxD]: the same with the FP8 (e4m3) indexer
+                (indexer_topk(fp8=True), default shape only); checked against the
+                reference on the dequantised indexer inputs; `recall` = share of the
+                bf16 indexer's selected keys the FP8 one also selects (sampled rows)
 
 TFLOP/s count effective FLOPs: attention 4 * Hq * D per (query, attended key) pair;
 the indexer 2 * H_I * d_I per (query, visible key) pair. Peak memory is the CUDA
@@ -206,6 +210,9 @@ def run(lengths, index_shapes, methods, out_csv, plot_path):
                 if name in methods:
                     err = check_sparse_rows(fn(), q, k, v, indices, rows, scale)
                     recorder.record(length, f"{name}[{tag}]", fn, sparse_flops + idx_flops, err)
+            if (h_i, d_i) == shapes[0] and {"indexer_fp8", "dsa_fp8"} & methods:
+                fp8_methods(recorder, methods, length, tag, q, k, v, q_idx, k_idx, w, rows,
+                            indices, scale, idx_flops, sparse_flops)
             del indices, indexer, variants
         del q, k, v, q_idx, k_idx, w
         torch.cuda.empty_cache()
@@ -213,6 +220,35 @@ def run(lengths, index_shapes, methods, out_csv, plot_path):
     recorder.close()
     if plot_path:
         plot(recorder.rows, plot_path)
+
+
+def fp8_methods(recorder, methods, length, tag, q, k, v, q_idx, k_idx, w, rows, indices,
+                scale, idx_flops, sparse_flops):
+    """The FP8 indexer alone and in DSA, checked against the dequantised reference."""
+    from dsa_compile import kernels
+    from dsa_compile.kernels.indexer_topk import quantize_fp8
+
+    indexer8 = functools.partial(kernels.indexer_topk, q_idx, k_idx, w, TOP_K, 0, True, None,
+                                 fp8=True)
+    sel8 = indexer8()
+    q8, q_scale = quantize_fp8(q_idx)
+    k8, k_scale = quantize_fp8(k_idx)
+    err = check_indexer_rows(sel8, q8.float() * q_scale[..., None],
+                             k8.float() * k_scale[..., None], w.float(), rows, TOP_K)
+    base = indices[:, 0, rows]
+    hit = (sel8[:, rows, :, None] == base[..., None, :]) & (base[..., None, :] >= 0)
+    recall = float(hit.any(-2).sum() / (base >= 0).sum())
+    print(f"# L={length} fp8 indexer recall of the bf16 indexer's selection: {recall:.4f}",
+          flush=True)
+    if "indexer_fp8" in methods:
+        recorder.record(length, f"indexer_fp8[{tag}]", indexer8, idx_flops, err, tol=1e-2)
+    if "dsa_fp8" in methods:
+        def dsa8():
+            sel = kernels.indexer_topk(q_idx, k_idx, w, TOP_K, 0, True, None, fp8=True)
+            return kernels.sparse_attention(q, k, v, sel.unsqueeze(1), scale)[0]
+
+        err = check_sparse_rows(dsa8(), q, k, v, sel8.unsqueeze(1), rows, scale)
+        recorder.record(length, f"dsa_fp8[{tag}]", dsa8, sparse_flops + idx_flops, err)
 
 
 def sliding_window(b, h, q_i, kv_i):

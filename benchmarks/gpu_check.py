@@ -114,11 +114,12 @@ def probe_topk() -> None:
 
 
 def probe_indexer_parts(length: int) -> None:
-    """Score kernel vs selection, timed apart, for one chunk of all queries."""
+    """Score kernel vs selection (radix-select kernel and torch.topk), timed apart."""
     import triton.testing
 
     from dsa_compile.indexer import default_index_shape
     from dsa_compile.kernels.indexer_topk import indexer_scores_chunk
+    from dsa_compile.kernels.select_topk import select_topk_rows
     from dsa_compile.reference.indexer import select_topk
 
     dev = torch.device("cuda")
@@ -131,11 +132,22 @@ def probe_indexer_parts(length: int) -> None:
         scores = functools.partial(indexer_scores_chunk, qi, ki, w, row0, rows, length, 0, True,
                                    None)
         ms_s = triton.testing.do_bench(scores, return_mode="median")
-        ms_t = triton.testing.do_bench(functools.partial(select_topk, scores(), TOP_K),
+        chunk = scores()
+        ms_t = triton.testing.do_bench(functools.partial(select_topk, chunk, TOP_K),
                                        return_mode="median")
+        out = torch.full((1, length, TOP_K), -7, dtype=torch.int32, device=dev)
+        radix = functools.partial(select_topk_rows, chunk, out, row0, 0, True)
+        ms_r = triton.testing.do_bench(radix, return_mode="median")
+        same = torch.equal(out[:, row0:], select_topk(chunk, TOP_K))
+        select_module = sys.modules["dsa_compile.kernels.select_topk"]
+        sample, select_module.SAMPLE = select_module.SAMPLE, 1 << 30  # no sampled path
+        ms_p = triton.testing.do_bench(radix, return_mode="median")
+        select_module.SAMPLE = sample
         flops = 2 * h_i * d_i * rows * (row0 + rows / 2)
         print(f"probe L={length} {h_i}x{d_i} last {rows} rows: scores {ms_s:.3f} ms "
-              f"({flops / ms_s / 1e9:.0f} TFLOP/s), select {ms_t:.3f} ms", flush=True)
+              f"({flops / ms_s / 1e9:.0f} TFLOP/s), select: radix kernel {ms_r:.3f} ms "
+              f"(without the sample path {ms_p:.3f} ms), "
+              f"torch.topk path {ms_t:.3f} ms, same selection: {same}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -156,9 +168,11 @@ def main(argv=None) -> int:
         probe_topk()
         probe_indexer_parts(32768)
     from dsa_compile.kernels.indexer_topk import indexer_scores_kernel
+    from dsa_compile.kernels.select_topk import select_topk_kernel
     from dsa_compile.kernels.sparse_attention import sparse_attention_fwd_kernel
 
     print(f"# tuned indexer_scores_kernel: {indexer_scores_kernel.best_config}")
+    print(f"# tuned select_topk_kernel: {select_topk_kernel.best_config}")
     print(f"# tuned sparse_attention_fwd_kernel: {sparse_attention_fwd_kernel.best_config}")
     rc = 0
     if args.pytest:

@@ -3,7 +3,8 @@
 Random weights, bf16, B = 1, a few decoder layers (hidden 4096, 32 query heads, 8 KV heads,
 head dim 128, MLP 14336), no LM head (its logits would dominate memory at 64K). Prints
 median prefill time of Inductor's default, backend="dsa" with the default config (dispatch
-keeps short rows dense) and backend="dsa" with every query sparse (dense_below=0). Before
+keeps short rows dense), backend="dsa" with every query sparse (dense_below=0), and the
+same with the FP8 indexer (index_fp8=True). Before
 timing, checks on the GPU in the same run that (a) with top_k covering every key and the
 sparse path forced, the DSA model gives the dense output, and (b) the compiled DSA model
 with Triton kernels matches the same graph run through the PyTorch reference ops.
@@ -73,6 +74,10 @@ def main() -> None:
                              options={"top_k": args.top_k}),
         "dsa_sparse": torch.compile(model, backend=dsa_backend, dynamic=True,
                                     options={"top_k": args.top_k, "dense_below": 0}),
+        # the same with the FP8 (e4m3) indexer
+        "dsa_sparse_fp8": torch.compile(model, backend=dsa_backend, dynamic=True,
+                                        options={"top_k": args.top_k, "dense_below": 0,
+                                                 "index_fp8": True}),
     }
     # Exactness on the GPU: at L = top_k every query sees at most top_k keys, so the forced
     # sparse path must give the dense output (this first call also fits the indexers).

@@ -35,6 +35,9 @@ class DSAConfig:
         softcap: logit soft-cap applied in sparse attention (``0`` = off); normally
             taken from the model, this overrides it.
         min_keys: sites whose key length is known statically and below this stay dense.
+        index_fp8: score the indexer in FP8 (e4m3) on CUDA (Hopper or later) when the
+            compiled model runs (``torch.compile`` backend; with :func:`apply`, run the
+            model inside ``dsa_compile.fp8_indexer()``). CPU ignores it.
     """
 
     top_k: int = 2048
@@ -45,6 +48,7 @@ class DSAConfig:
     exclude: Sequence[str] = ()
     softcap: float = 0.0
     min_keys: int = 0
+    index_fp8: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.top_k, int) or self.top_k <= 0:

@@ -17,6 +17,7 @@ from dsa_compile import kernels, reference
 # The package re-exports functions under the modules' names: fetch the modules themselves.
 indexer_module = importlib.import_module("dsa_compile.kernels.indexer_topk")
 sparse_module = importlib.import_module("dsa_compile.kernels.sparse_attention")
+select_module = importlib.import_module("dsa_compile.kernels.select_topk")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -172,6 +173,79 @@ def test_indexer_topk_chunks_and_strided_inputs(monkeypatch):
     got = kernels.indexer_topk(q_idx, k_idx, w, top_k, 0, True, None)
     ref = reference.indexer_topk(q_idx, k_idx, w, top_k, 0, True, None)
     assert torch.equal(got, ref)
+
+
+def _select_case(name):
+    """[B, rows, width] float32 scores for the selection kernel, with -inf hidden keys."""
+    g = torch.Generator().manual_seed(7)
+    if name == "random":
+        s = torch.randn(2, 9, 300, generator=g)
+    elif name == "integer-ties":
+        s = torch.randint(-3, 4, (2, 7, 200), generator=g).float()
+    elif name == "deep-digits":  # keys differ only in the last mantissa bits
+        s = 1.0 + torch.randint(0, 5, (1, 5, 150), generator=g).float() * 1.2e-7
+    elif name == "mostly-hidden":
+        s = torch.randn(1, 6, 120, generator=g)
+        s[:, :, ::3] = float("-inf")
+    else:  # "zeros-and-inf": +0 ties everywhere, one +inf
+        s = torch.zeros(1, 3, 100)
+        s[0, 0, 5] = float("inf")
+    return s.to(DEVICE)
+
+
+@pytest.mark.parametrize("path", ["plain", "sampled"])
+@pytest.mark.parametrize("name", ["random", "integer-ties", "deep-digits", "mostly-hidden",
+                                  "zeros-and-inf"])
+@pytest.mark.parametrize(("top_k", "causal", "q_offset", "row0"),
+                         [(37, False, 0, 0), (50, True, 90, 3), (90, True, 0, 0),
+                          (40, True, 250, 0)])
+def test_select_topk_kernel_matches_reference(monkeypatch, path, name, top_k, causal,
+                                              q_offset, row0):
+    if path == "sampled":
+        # Tiny sample pieces so that these short rows take the sample -> scratch path
+        # (on rows where the sample's bound fails, the kernel falls back to the plain path).
+        monkeypatch.setattr(select_module, "SAMPLE", 4)
+        monkeypatch.setattr(select_module, "SAMPLE_RANK", 8)
+    else:
+        monkeypatch.setattr(select_module, "SAMPLE", 1 << 20)
+    scores = _select_case(name)
+    b, rows, width = scores.shape
+    if causal:  # the kernel reads each row only up to its query position
+        pos = torch.arange(row0, row0 + rows, device=DEVICE) + q_offset
+        hidden = torch.arange(width, device=DEVICE)[None, None] > pos[None, :, None]
+        scores = scores.masked_fill(hidden, float("-inf"))
+    out = torch.full((b, row0 + rows + 2, top_k), -7, dtype=torch.int32, device=DEVICE)
+    scratch = []
+
+    def watched(shape, device):
+        scratch.append(torch.full(shape, -5, dtype=torch.int32, device=device))
+        return scratch[-1]
+
+    monkeypatch.setattr(select_module, "_scratch", watched)
+    select_module.select_topk_rows(scores, out, row0, q_offset, causal)
+    assert torch.equal(out[:, row0 : row0 + rows], reference.select_topk(scores, top_k))
+    assert (out[:, :row0] == -7).all() and (out[:, row0 + rows :] == -7).all()
+    if path == "sampled" and name == "random" and (not causal or q_offset >= 250):
+        # Rows long enough to sample: the sample's bound must have held on some of them.
+        assert scratch and (scratch[1] != -5).any()
+    if path == "plain":
+        assert not scratch
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_indexer_topk_fp8_is_exact_for_dequantised_inputs(masked):
+    b, lq, lk, h, d, top_k = 2, 40, 70, 3, 32, 16
+    q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, h, d, torch.float32)
+    key_mask = _key_mask(b, lk) if masked else None
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, 30, True, key_mask, fp8=True)
+    q8, q_scale = indexer_module.quantize_fp8(q_idx)
+    k8, k_scale = indexer_module.quantize_fp8(k_idx)
+    assert q8.dtype == torch.float8_e4m3fn and (q_scale > 0).all()
+    ref = reference.indexer_topk(q8.float() * q_scale[..., None], k8.float() * k_scale[..., None],
+                                 w, top_k, 30, True, key_mask)
+    assert torch.equal(got >= 0, ref >= 0)
+    # Exact on CPU; the GPU's FP8 dot may round a near-tie the other way.
+    assert (got != ref).float().mean() <= (0.0 if DEVICE == "cpu" else 2e-2)
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from dsa_compile.config import DSAConfig
+from dsa_compile.ops.dispatch import fp8_indexer
 from dsa_compile.passes import run_passes
 from dsa_compile.passes.detect import normalize_path
 from dsa_compile.passes.fit import fit_new_indexers, hint
@@ -76,7 +77,16 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
         gm = dense
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    compiled = compile_fx(gm, example_inputs)
+    if not config.index_fp8:
+        return compiled
+
+    def run_fp8(*args):
+        with fp8_indexer():
+            return compiled(*args)
+
+    run_fp8._boxed_call = getattr(compiled, "_boxed_call", False)  # same calling convention
+    return run_fp8
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

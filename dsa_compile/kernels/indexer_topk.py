@@ -9,9 +9,9 @@ with -inf where the key is hidden (causal, padding). Tiles wholly above the caus
 diagonal skip the arithmetic.
 
 Selection streams chunks of query rows so that memory stays bounded (never L x L at
-long length): scores for a chunk, only as wide as its last query can see, then
-``torch.topk``. The contract's tie rule (smaller key index wins) is enforced exactly:
-rows whose k-th value is tied with an unselected key are redone with a stable sort.
+long length): scores for a chunk, only as wide as its last query can see, then an
+exact radix select per row (kernels/select_topk.py). The output is ascending without
+a sort and ties go to the smaller key index, as the contract says.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.reference.indexer import select_topk
+from dsa_compile.kernels.select_topk import select_topk_rows
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -60,18 +60,19 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.autotune(configs=_configs(), key=["H", "D", "CAUSAL", "HAS_MASK"])
+@triton.autotune(configs=_configs(), key=["H", "D", "CAUSAL", "HAS_MASK", "KEY_SCALE"])
 @triton.jit
 def indexer_scores_kernel(
-    QI, KI, W, KM, OUT,
+    QI, KI, W, KM, KS, OUT,
     stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_ks,
+    stride_kb, stride_ks, stride_sb,
     stride_wb, stride_wt, stride_wh,
     stride_mb, stride_ms,
     stride_ob, stride_ot, stride_os,
     rows, width, row0, q_offset,
     H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KEY_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -111,6 +112,10 @@ def indexer_scores_kernel(
             wh = tl.load(w_base + h * stride_wh, mask=m_ok, other=0.0).to(tl.float32)  # [BM]
             s = _dot(q, kt, IEEE, UPCAST)
             acc += tl.maximum(s, 0.0) * wh[:, None]
+        if KEY_SCALE:
+            # FP8 keys carry a positive per-key scale: it commutes with the ReLU.
+            ks = tl.load(KS + b * stride_sb + offs_n, mask=n_ok, other=0.0)
+            acc *= ks[None, :]
     # + 0.0 turns a -0.0 sum into +0.0, so equal scores compare equal bit for bit.
     scores = tl.where(visible, acc + 0.0, float("-inf"))
     o_ptrs = OUT + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_ot
@@ -118,10 +123,12 @@ def indexer_scores_kernel(
     tl.store(o_ptrs, scores, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal, key_mask):
+def indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal, key_mask,
+                         k_scale=None):
     """Float32 scores [B, rows, width] of queries row0 .. row0 + rows over keys 0 .. width.
 
-    -inf where the key is hidden (causal at q_offset, key_mask False).
+    -inf where the key is hidden (causal at q_offset, key_mask False). ``k_scale``
+    (float32 [B, Lk], FP8 keys only) multiplies each key's score.
     """
     b, _, h, d = q_idx.shape
     out = _empty((b, rows, width), torch.float32, q_idx.device)
@@ -132,19 +139,31 @@ def indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal, k
     def grid(meta):
         return (triton.cdiv(width, meta["BLOCK_N"]), triton.cdiv(rows, meta["BLOCK_M"]), b)
 
+    ks = k_scale if k_scale is not None else out  # any tensor: unused without KEY_SCALE
     indexer_scores_kernel[grid](
-        q_idx, k_idx, w, km, out,
+        q_idx, k_idx, w, km, ks, out,
         q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
-        k_idx.stride(0), k_idx.stride(1),
+        k_idx.stride(0), k_idx.stride(1), ks.stride(0),
         w.stride(0), w.stride(1), w.stride(2),
         km.stride(0) if key_mask is not None else 0, km.stride(1) if key_mask is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         rows, width, row0, q_offset,
         H=h, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         CAUSAL=causal, HAS_MASK=key_mask is not None, IEEE=q_idx.dtype == torch.float32,
-        UPCAST=_INTERPRET and q_idx.dtype == torch.bfloat16,
+        UPCAST=_INTERPRET and q_idx.dtype in (torch.bfloat16, torch.float8_e4m3fn),
+        KEY_SCALE=k_scale is not None,
     )
     return out
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dimension) float8 e4m3 quantisation: x ~= q.float() * scale[..., None].
+
+    Returns (q float8_e4m3fn like x, scale float32 of x.shape[:-1]); scale > 0.
+    """
+    amax = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / torch.finfo(torch.float8_e4m3fn).max
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
 
 
 def indexer_topk(
@@ -155,6 +174,7 @@ def indexer_topk(
     q_offset: int = 0,
     causal: bool = True,
     key_mask: torch.Tensor | None = None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     """Each query's top_k keys by lightning-indexer score (Triton scores + chunked top-k).
 
@@ -163,10 +183,14 @@ def indexer_topk(
             any strides with the last dimension contiguous.
         top_k: slots per query (> 0). q_offset: absolute position of query 0.
         causal: query t sees keys s <= q_offset + t. key_mask: optional bool [B, Lk].
+        fp8: score with float8 e4m3 q_I and k_I (per-row scales, as DeepSeek's indexer)
+            on the FP8 tensor cores (Hopper and later). The selection is then exact for
+            the dequantised inputs (:func:`quantize_fp8`), not for the original ones.
 
     Returns:
         int32 [B, Lq, top_k]: selected keys ascending, -1 in unused slots, ties to the
         smaller key index. Memory: one chunk of float32 scores, at most CHUNK_BYTES.
+        Hidden keys (-inf) are never selected.
     """
     b, lq = q_idx.shape[:2]
     lk = k_idx.shape[1]
@@ -178,6 +202,12 @@ def indexer_topk(
     for name, t in (("q_idx", q_idx), ("k_idx", k_idx), ("w", w)):
         if t.stride(-1) != 1:
             raise ValueError(f"indexer_topk: {name} must be contiguous in its last dimension")
+    k_scale = None
+    if fp8:
+        # Scales are positive, so ReLU(q . k) * w = ReLU(q8 . k8) * (w * q_scale) * k_scale.
+        q_idx, q_scale = quantize_fp8(q_idx)
+        k_idx, k_scale = quantize_fp8(k_idx)
+        w = w.float() * q_scale
     chunk = max(128, CHUNK_BYTES // (4 * b * lk))
     for row0 in range(0, lq, chunk):
         rows = min(chunk, lq - row0)
@@ -186,6 +216,7 @@ def indexer_topk(
             out[:, row0 : row0 + rows] = -1
             continue
         scores = indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal,
-                                      key_mask)
-        out[:, row0 : row0 + rows] = select_topk(scores, top_k)
+                                      key_mask, k_scale)
+        select_topk_rows(scores, out, row0, q_offset, causal)
     return out
+

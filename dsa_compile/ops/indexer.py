@@ -10,7 +10,7 @@ from torch import Tensor
 
 from dsa_compile import reference
 from dsa_compile.ops.checks import check_indexer_args
-from dsa_compile.ops.dispatch import use_triton
+from dsa_compile.ops.dispatch import indexer_fp8, use_triton
 
 
 @torch.library.custom_op("dsa::indexer_topk", mutates_args=())
@@ -62,7 +62,8 @@ def _(q_idx, k_idx, w, top_k, q_offset=0, causal=True, key_mask=None):
         return reference.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
     from dsa_compile.kernels import indexer_topk as triton_indexer_topk
 
-    return triton_indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    return triton_indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask,
+                               fp8=indexer_fp8())
 
 
 @torch.library.custom_op("dsa::indexer_scores", mutates_args=())
