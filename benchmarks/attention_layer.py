@@ -20,9 +20,6 @@ print FAILED instead of a time. Methods:
                 (indexer_topk(fp8=True), default shape only); checked against the
                 reference on the dequantised indexer inputs; `recall` = share of the
                 bf16 indexer's selected keys the FP8 one also selects (sampled rows)
-- sparse_fp8kv: sparse_attention(kv_fp8=True), K/V gathered as FP8 rows (the time
-                includes quantising K and V), checked against the reference on the
-                dequantised K/V; dsa_fp8all[HxD]: FP8 indexer + FP8 K/V
 
 TFLOP/s count effective FLOPs: attention 4 * Hq * D per (query, attended key) pair;
 the indexer 2 * H_I * d_I per (query, visible key) pair. Peak memory is the CUDA
@@ -213,8 +210,7 @@ def run(lengths, index_shapes, methods, out_csv, plot_path):
                 if name in methods:
                     err = check_sparse_rows(fn(), q, k, v, indices, rows, scale)
                     recorder.record(length, f"{name}[{tag}]", fn, sparse_flops + idx_flops, err)
-            if (h_i, d_i) == shapes[0] and {"indexer_fp8", "dsa_fp8", "sparse_fp8kv",
-                                            "dsa_fp8all"} & methods:
+            if (h_i, d_i) == shapes[0] and {"indexer_fp8", "dsa_fp8"} & methods:
                 fp8_methods(recorder, methods, length, tag, q, k, v, q_idx, k_idx, w, rows,
                             indices, scale, idx_flops, sparse_flops)
             del indices, indexer, variants
@@ -230,7 +226,7 @@ def fp8_methods(recorder, methods, length, tag, q, k, v, q_idx, k_idx, w, rows, 
                 scale, idx_flops, sparse_flops):
     """The FP8 indexer alone and in DSA, checked against the dequantised reference."""
     from dsa_compile import kernels
-    from dsa_compile.kernels.quant import quantize_fp8
+    from dsa_compile.kernels.indexer_topk import quantize_fp8
 
     indexer8 = functools.partial(kernels.indexer_topk, q_idx, k_idx, w, TOP_K, 0, True, None,
                                  fp8=True)
@@ -253,28 +249,6 @@ def fp8_methods(recorder, methods, length, tag, q, k, v, q_idx, k_idx, w, rows, 
 
         err = check_sparse_rows(dsa8(), q, k, v, sel8.unsqueeze(1), rows, scale)
         recorder.record(length, f"dsa_fp8[{tag}]", dsa8, sparse_flops + idx_flops, err)
-    if {"sparse_fp8kv", "dsa_fp8all"} & methods:
-        from dsa_compile.kernels.quant import dequantize_fp8
-
-        kq, vq = dequantize_fp8(*quantize_fp8(k)), dequantize_fp8(*quantize_fp8(v))
-        sparse8 = functools.partial(kernels.sparse_attention, q, k, v, indices, scale,
-                                    kv_fp8=True)
-        err = check_sparse_rows(sparse8()[0], q, kq, vq, indices, rows, scale)
-        if "sparse_fp8kv" in methods:
-            recorder.record(length, "sparse_fp8kv", sparse8, sparse_flops, err)
-        print(f"# L={length} FP8 K/V vs bf16 K/V output, sampled rows: rel err "
-              f"{check_sparse_rows(sparse8()[0], q, k, v, indices, rows, scale):.2e}",
-              flush=True)
-
-        def dsa8all():
-            sel = kernels.indexer_topk(q_idx, k_idx, w, TOP_K, 0, True, None, fp8=True)
-            return kernels.sparse_attention(q, k, v, sel.unsqueeze(1), scale, kv_fp8=True)[0]
-
-        if "dsa_fp8all" in methods:
-            err = check_sparse_rows(dsa8all(), q, kq, vq, sel8.unsqueeze(1), rows, scale)
-            recorder.record(length, f"dsa_fp8all[{tag}]", dsa8all, sparse_flops + idx_flops,
-                            err)
-        del kq, vq
 
 
 def sliding_window(b, h, q_i, kv_i):

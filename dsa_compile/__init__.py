@@ -10,7 +10,7 @@ Public API (everything else is internal):
 - :func:`calibrate`                       dense warm-up distillation of the indexers
 - :func:`save_indexers`, :func:`load_indexers`   indexer persistence (safetensors)
 - :func:`selection_recall`                how much attention the selection captures
-- :func:`fp8`                             FP8 CUDA kernels (indexer, K/V) inside a block
+- :func:`fp8_indexer`                     run the CUDA indexer in FP8 inside a block
 - :mod:`dsa_compile.onnx`                 ONNX export and onnxruntime helpers
 - ``torch.ops.dsa.*``                     the DSA operators (registered on import)
 """
@@ -21,7 +21,7 @@ import importlib
 
 from dsa_compile import ops  # noqa: F401  (registers torch.ops.dsa.*)
 from dsa_compile.config import DSAConfig
-from dsa_compile.ops.dispatch import fp8
+from dsa_compile.ops.dispatch import fp8_indexer
 
 # Heavier parts load on first use, so `import dsa_compile` stays cheap.
 _LAZY = {
@@ -33,7 +33,7 @@ _LAZY = {
     "selection_recall": "dsa_compile.metrics",
 }
 
-__all__ = ["DSAConfig", "fp8", "ops", *_LAZY]
+__all__ = ["DSAConfig", "fp8_indexer", "ops", *_LAZY]
 __version__ = "0.1.0"
 
 

@@ -37,9 +37,7 @@ class DSAConfig:
         min_keys: sites whose key length is known statically and below this stay dense.
         index_fp8: score the indexer in FP8 (e4m3) on CUDA (Hopper or later) when the
             compiled model runs (``torch.compile`` backend; with :func:`apply`, run the
-            model inside ``dsa_compile.fp8()``). CPU ignores it.
-        kv_fp8: sparse attention gathers K/V as FP8 rows on CUDA (bf16/fp16 models, no
-            autograd recording); as ``index_fp8`` otherwise (``dsa_compile.fp8(kv=True)``).
+            model inside ``dsa_compile.fp8_indexer()``). CPU ignores it.
     """
 
     top_k: int = 2048
@@ -51,7 +49,6 @@ class DSAConfig:
     softcap: float = 0.0
     min_keys: int = 0
     index_fp8: bool = False
-    kv_fp8: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.top_k, int) or self.top_k <= 0:

@@ -133,7 +133,7 @@ def test_compiled_graph_reads_the_live_indexer_parameters():
     assert backend.CALLS["count"] >= 1 and (before - after).abs().max() > 1e-3
 
 
-def test_fp8_options_run_the_compiled_model_under_fp8(monkeypatch):
+def test_index_fp8_option_runs_the_compiled_model_under_fp8_indexer(monkeypatch):
     # On CPU the reference ignores the switch; what is checked is that every indexer
     # call of the compiled model runs with it on, and that it is off again afterwards.
     from dsa_compile import reference
@@ -143,14 +143,13 @@ def test_fp8_options_run_the_compiled_model_under_fp8(monkeypatch):
     real = reference.indexer_topk
 
     def spy(*args, **kwargs):
-        seen.append((dispatch.indexer_fp8(), dispatch.kv_fp8()))
+        seen.append(dispatch.indexer_fp8())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(reference, "indexer_topk", spy)
     model = M.llama("sdpa")
     inputs = M.token_inputs(length=40, pad=0)
     with torch.no_grad():
-        _compile(model, {"top_k": 8, "dense_below": 0, "index_fp8": True,
-                         "kv_fp8": True})(**inputs)
-    assert seen and all(s == (True, True) for s in seen)
-    assert (dispatch.indexer_fp8(), dispatch.kv_fp8()) == (False, False)
+        _compile(model, {"top_k": 8, "dense_below": 0, "index_fp8": True})(**inputs)
+    assert seen and all(seen)
+    assert dispatch.indexer_fp8() is False

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.ops.dispatch import fp8
+from dsa_compile.ops.dispatch import fp8_indexer
 from dsa_compile.passes import run_passes
 from dsa_compile.passes.detect import normalize_path
 from dsa_compile.passes.fit import fit_new_indexers, hint
@@ -78,11 +78,11 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     compiled = compile_fx(gm, example_inputs)
-    if not (config.index_fp8 or config.kv_fp8):
+    if not config.index_fp8:
         return compiled
 
     def run_fp8(*args):
-        with fp8(indexer=config.index_fp8, kv=config.kv_fp8):
+        with fp8_indexer():
             return compiled(*args)
 
     run_fp8._boxed_call = getattr(compiled, "_boxed_call", False)  # same calling convention

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.quant import quantize_fp8
 from dsa_compile.kernels.select_topk import select_topk_rows
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -157,6 +156,16 @@ def indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal, k
     return out
 
 
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dimension) float8 e4m3 quantisation: x ~= q.float() * scale[..., None].
+
+    Returns (q float8_e4m3fn like x, scale float32 of x.shape[:-1]); scale > 0.
+    """
+    amax = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-12)
+    scale = amax / torch.finfo(torch.float8_e4m3fn).max
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
+
+
 def indexer_topk(
     q_idx: torch.Tensor,
     k_idx: torch.Tensor,
@@ -176,8 +185,7 @@ def indexer_topk(
         causal: query t sees keys s <= q_offset + t. key_mask: optional bool [B, Lk].
         fp8: score with float8 e4m3 q_I and k_I (per-row scales, as DeepSeek's indexer)
             on the FP8 tensor cores (Hopper and later). The selection is then exact for
-            the dequantised inputs (:func:`dsa_compile.kernels.quant.quantize_fp8`), not
-            for the original ones.
+            the dequantised inputs (:func:`quantize_fp8`), not for the original ones.
 
     Returns:
         int32 [B, Lq, top_k]: selected keys ascending, -1 in unused slots, ties to the

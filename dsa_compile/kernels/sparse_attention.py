@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.quant import quantize_fp8
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -74,24 +72,23 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.autotune(
     configs=_configs(),
-    key=["R", "D", "DV", "TOPK", "SOFTCAP", "KV_SCALE"],
+    key=["R", "D", "DV", "TOPK", "SOFTCAP"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def sparse_attention_fwd_kernel(
-    Q, K, V, IDX, OUT, LSE, KS, VS,
+    Q, K, V, IDX, OUT, LSE,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ib, stride_ig, stride_it,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh, stride_lt,
-    stride_sb, stride_sh,
     HKV, TOPK, scale, softcap,
     R: tl.constexpr, BLOCK_R: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PER_HEAD_INDICES: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, KV_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -113,8 +110,6 @@ def sparse_attention_fwd_kernel(
         idx_base += g * stride_ig
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
-    ks_base = KS + b * stride_sb + g * stride_sh
-    vs_base = VS + b * stride_sb + g * stride_sh
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -127,12 +122,7 @@ def sparse_attention_fwd_kernel(
             k_base + idx[None, :] * stride_kt + offs_d[:, None],
             mask=valid[None, :] & (offs_d[:, None] < D), other=0.0,
         )  # [BD, BN]
-        if KV_SCALE:
-            # FP8 rows: e4m3 -> bf16 is exact; the per-row scale multiplies the logit.
-            ks = tl.load(ks_base + idx, mask=valid, other=0.0)
-            s = _dot(q, kt.to(q.dtype), IEEE, UPCAST) * (ks * scale)[None, :]
-        else:
-            s = _dot(q, kt, IEEE, UPCAST) * scale
+        s = _dot(q, kt, IEEE, UPCAST) * scale
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
         s = tl.where(valid[None, :], s * LOG2E, float("-inf"))  # [BR, BN], log2 units
@@ -146,13 +136,7 @@ def sparse_attention_fwd_kernel(
             v_base + idx[:, None] * stride_vt + offs_dv[None, :],
             mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
         )  # [BN, BDV]
-        if KV_SCALE:
-            # The V row scale weights p (the softmax sum l_i keeps the unscaled p).
-            vs = tl.load(vs_base + idx, mask=valid, other=0.0)
-            pv = _dot((p * vs[None, :]).to(q.dtype), vt.to(q.dtype), IEEE, UPCAST)
-        else:
-            pv = _dot(p.to(vt.dtype), vt, IEEE, UPCAST)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE, UPCAST)
         m_i = m_new
 
     has_key = l_i > 0
@@ -170,7 +154,6 @@ def sparse_attention(
     indices: torch.Tensor,
     scale: float,
     softcap: float = 0.0,
-    kv_fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over only its selected keys (Triton).
 
@@ -181,9 +164,6 @@ def sparse_attention(
             -1 slots are ignored; valid entries distinct and in [0, Lk).
         scale: multiplier of q . k.
         softcap: if > 0, logits become softcap * tanh(logits / softcap).
-        kv_fp8: gather K and V as float8 e4m3 rows with per-(head, key) scales (half the
-            gather bytes of bf16); exact attention over the dequantised K and V
-            (:func:`dsa_compile.kernels.quant.quantize_fp8`). For bf16/fp16 q.
 
     Returns:
         (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32). A query with no
@@ -200,28 +180,20 @@ def sparse_attention(
     for name, t in (("q", q), ("k", k), ("v", v), ("indices", indices)):
         if t.stride(-1) != 1:
             raise ValueError(f"sparse_attention: {name} must be contiguous in its last dimension")
-    ks = vs = lse  # any tensors: unused without KV_SCALE
-    if kv_fp8:
-        if q.dtype == torch.float32:
-            raise ValueError("sparse_attention: kv_fp8 needs bfloat16 or float16 q")
-        k, ks = quantize_fp8(k)
-        v, vs = quantize_fp8(v)
-        ks, vs = ks.contiguous(), vs.contiguous()  # the kernel reads scale[b, g, key]
     grid = (lq, b * hkv)
     sparse_attention_fwd_kernel[grid](
-        q, k, v, indices, out, lse, ks, vs,
+        q, k, v, indices, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        ks.stride(0), ks.stride(1),
         hkv, top_k, float(scale), float(softcap) if softcap > 0 else 1.0,
         R=r, BLOCK_R=max(16, triton.next_power_of_2(r)),
         D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         PER_HEAD_INDICES=g > 1, SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32,
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16, KV_SCALE=kv_fp8,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
     )
     return out, lse

@@ -2,9 +2,9 @@
 
 - The Triton kernels or the reference: the reference runs on any device; forcing it on
   CUDA lets a benchmark check the kernels against the spec inside the same compiled model.
-- FP8 on CUDA (:func:`fp8`): the indexer's scores and/or sparse attention's K/V
-  gathers in e4m3 with per-row scales. A kernel choice like TF32: the reference and CPU
-  ignore it.
+- The indexer's precision on CUDA: bf16/fp32 as given, or FP8 e4m3 scores
+  (``kernels.indexer_topk(fp8=True)``, per-row scales as DeepSeek's indexer). A kernel
+  choice like TF32: the reference and CPU ignore it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 _force_reference = False
-_fp8 = {"indexer": False, "kv": False}
+_indexer_fp8 = False
 
 
 def use_triton() -> bool:
@@ -30,30 +30,21 @@ def force_reference():
         _force_reference = previous
 
 
-
 def indexer_fp8() -> bool:
-    return _fp8["indexer"]
-
-
-def kv_fp8() -> bool:
-    return _fp8["kv"]
+    return _indexer_fp8
 
 
 @contextlib.contextmanager
-def fp8(indexer: bool = True, kv: bool = False):
-    """FP8 (e4m3) kernels on CUDA inside this block; for inference (no effect on CPU).
+def fp8_indexer(enabled: bool = True):
+    """Score the lightning indexer in FP8 (e4m3) on CUDA inside this block.
 
-    Args:
-        indexer: score the lightning indexer in FP8 (per-row scales, as DeepSeek's
-            indexer). Measured on an H200 (benchmarks/RESULTS.md): 5-10% faster indexer
-            at 32K-128K (slower at 4K), keeping 96.5-99.3% of the bf16 selection.
-        kv: gather K and V as FP8 rows in sparse attention (half the bytes; exact
-            attention over the dequantised K/V). Used for bf16/fp16 models when autograd
-            is not recording; float32 models and training keep full precision.
+    Measured on an H200 (benchmarks/RESULTS.md): a 5-10% faster indexer at 32K-128K
+    (slower at 4K), keeping 96.5-99.3% of the bf16 indexer's selected keys. No effect
+    on CPU.
     """
-    previous = dict(_fp8)
-    _fp8.update(indexer=indexer, kv=kv)
+    global _indexer_fp8
+    previous, _indexer_fp8 = _indexer_fp8, enabled
     try:
         yield
     finally:
-        _fp8.update(previous)
+        _indexer_fp8 = previous

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from dsa_compile import reference
 from dsa_compile.ops.checks import check_attention_args, check_indices, check_indices_range
-from dsa_compile.ops.dispatch import kv_fp8, use_triton
+from dsa_compile.ops.dispatch import use_triton
 from dsa_compile.reference.sparse_attention import _query_chunk
 
 
@@ -61,9 +61,7 @@ def _(q, k, v, indices, scale, softcap=0.0):
         return reference.sparse_attention(q, k, v, indices, scale, softcap)
     from dsa_compile.kernels import sparse_attention as triton_sparse_attention
 
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    low_fp8 = kv_fp8() and q.dtype != torch.float32 and not grad  # inference only
-    return triton_sparse_attention(q, k, v, indices, scale, softcap, kv_fp8=low_fp8)
+    return triton_sparse_attention(q, k, v, indices, scale, softcap)
 
 
 def _setup(ctx, inputs, output):
