@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsa_compile.kernels.common import INTERPRET, dot
 from dsa_compile.kernels.select_topk import select_topk_rows
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Float32 scores kept per chunk of query rows (bytes); bounds the selection's memory.
 CHUNK_BYTES = 1 << 30
@@ -36,7 +35,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _configs():
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
         # The config autotune picked on an H200 (benchmarks/RESULTS.md); no tuning cost.
@@ -48,16 +47,6 @@ def _configs():
         for s in (2, 3)
     ]
 
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST works around the CPU interpreter's wrong bf16 tl.dot (triton 3.9).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.autotune(configs=_configs(), key=["H", "D", "CAUSAL", "HAS_MASK", "KEY_SCALE"])
@@ -110,7 +99,7 @@ def indexer_scores_kernel(
             q = tl.load(q_base + h * stride_qh, mask=m_ok[:, None] & (offs_d[None, :] < D),
                         other=0.0)  # [BM, BD]
             wh = tl.load(w_base + h * stride_wh, mask=m_ok, other=0.0).to(tl.float32)  # [BM]
-            s = _dot(q, kt, IEEE, UPCAST)
+            s = dot(q, kt, IEEE, UPCAST)
             acc += tl.maximum(s, 0.0) * wh[:, None]
         if KEY_SCALE:
             # FP8 keys carry a positive per-key scale: it commutes with the ReLU.
@@ -150,7 +139,7 @@ def indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal, k
         rows, width, row0, q_offset,
         H=h, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         CAUSAL=causal, HAS_MASK=key_mask is not None, IEEE=q_idx.dtype == torch.float32,
-        UPCAST=_INTERPRET and q_idx.dtype in (torch.bfloat16, torch.float8_e4m3fn),
+        UPCAST=INTERPRET and q_idx.dtype in (torch.bfloat16, torch.float8_e4m3fn),
         KEY_SCALE=k_scale is not None,
     )
     return out

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from dsa_compile.kernels.common import INTERPRET
 
 # Sample pieces are this many keys wide; the sample aims at rank ~SAMPLE_RANK.
 SAMPLE = 256
@@ -41,7 +41,7 @@ SAMPLE_RANK = 128
 
 
 def _configs():
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK": 64, "RADIX_BITS": 8}, num_warps=4, num_stages=1)]
     if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
         return [triton.Config({"BLOCK": 1024, "RADIX_BITS": 8}, num_warps=4, num_stages=2)]

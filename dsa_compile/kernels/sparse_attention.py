@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from dsa_compile.kernels.common import INTERPRET, dot
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _configs():
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
     if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
         # The config autotune picked on an H200 (benchmarks/RESULTS.md); no tuning cost.
@@ -58,16 +58,6 @@ def _tanh(x):
     # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, and available in the interpreter.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST works around the CPU interpreter's wrong bf16 tl.dot (triton 3.9).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.autotune(
@@ -122,7 +112,7 @@ def sparse_attention_fwd_kernel(
             k_base + idx[None, :] * stride_kt + offs_d[:, None],
             mask=valid[None, :] & (offs_d[:, None] < D), other=0.0,
         )  # [BD, BN]
-        s = _dot(q, kt, IEEE, UPCAST) * scale
+        s = dot(q, kt, IEEE, UPCAST) * scale
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
         s = tl.where(valid[None, :], s * LOG2E, float("-inf"))  # [BR, BN], log2 units
@@ -136,7 +126,7 @@ def sparse_attention_fwd_kernel(
             v_base + idx[:, None] * stride_vt + offs_dv[None, :],
             mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
         )  # [BN, BDV]
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, IEEE, UPCAST)
         m_i = m_new
 
     has_key = l_i > 0
@@ -194,6 +184,6 @@ def sparse_attention(
         D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         PER_HEAD_INDICES=g > 1, SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32,
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )
     return out, lse
