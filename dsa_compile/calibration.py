@@ -9,11 +9,12 @@ Calibration freezes the model and trains only the indexers, on
 KL( p[t, :] || softmax(I[t, :]) ) with p the site's dense attention summed over heads
 and L1-normalised (DeepSeek's target), mixed by default half and half with the
 L1-normalised max over heads so one retrieval head's peak is not divided by the head
-count (``head_max``; the measured reason is in :func:`calibrate`). The model's q and k do not depend on the indexers, so one dense
-forward per batch captures every site's q and k; the training steps then reuse those
-activations (random query rows of a random batch per step), which is why a few minutes
-of CPU suffice. Indexers are registered in :data:`~dsa_compile.indexer.REGISTRY`
-under every parameter of their site's module, the anchors the ``dsa`` backend looks up.
+count (``head_max``; the measured reason is in :func:`calibrate`). The model's q and k
+do not depend on the indexers, so one dense forward per batch captures every site's q
+and k; the training steps then reuse those activations (random query rows of a random
+batch per step), which is why a few minutes of CPU suffice. Indexers are registered in
+:data:`~dsa_compile.indexer.REGISTRY` under every parameter of their site's module, the
+anchors the ``dsa`` backend looks up.
 
 Files are safetensors (never pickle). Metadata: ``format`` = "dsa_compile.indexers",
 ``version``, and ``sites`` (JSON: per site, its anchor FQNs with shapes and the indexer
