@@ -77,6 +77,9 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", type=int, default=2, help="evaluation blocks of --length")
     parser.add_argument("--steps", type=int, default=300, help="calibration steps")
     parser.add_argument("--calib-blocks", type=int, default=4)
+    parser.add_argument("--calib-length", type=int, default=4096,
+                        help="tokens per calibration block (4096: the indexers then see "
+                        "keys as far back as the 4K passkey)")
     parser.add_argument("--passkey", type=int, nargs="*", default=[1536, 4096],
                         help="haystack lengths in tokens")
     parser.add_argument("--trials", type=int, default=1, help="passkeys per length")
@@ -138,7 +141,8 @@ def main(argv=None) -> None:
     measure(f"window {args.top_k}", "window")
     measure_compiled("DSA training-free")
     if args.calibrate:
-        cal = token_blocks(tok, args.length, args.calib_blocks, offset=CALIB_OFFSET)
+        start = -(-CALIB_OFFSET * args.length // args.calib_length)  # after the fit block
+        cal = token_blocks(tok, args.calib_length, args.calib_blocks, offset=start)
         res = calibrate(model, [b[None] for b in cal], config, steps=args.steps)
         timings["calibration"] = res.seconds
         print(f"calibration: {res.steps} steps, {res.tokens} tokens, {res.seconds:.0f} s, "

@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dsa_compile.calibration import calibrate, kl_on, load_indexers, save_indexers
+from dsa_compile.calibration import (
+    attention_target,
+    calibrate,
+    kl_on,
+    load_indexers,
+    save_indexers,
+)
 from dsa_compile.config import DSAConfig
 from dsa_compile.evaluation import attention_override
 from dsa_compile.indexer import REGISTRY
@@ -43,6 +49,24 @@ def test_calibration_lowers_heldout_kl():
     assert all(not p.requires_grad for ix in REGISTRY.indexers_of(model).values()
                for p in ix.parameters())
     assert all(p.requires_grad for p in model.parameters())  # model flags restored
+
+
+def test_attention_target_keeps_a_single_heads_peak():
+    # Keys A, B, C; head 0 retrieves A, the other three heads spread over B and C.
+    probs = torch.tensor([[0.8, 0.2, 0.0]] + [[0.0, 0.3, 0.7]] * 3).view(1, 2, 2, 1, 3)
+    summed = attention_target(probs, head_max=0.0)[0, 0]
+    torch.testing.assert_close(summed, torch.tensor([0.2, 0.275, 0.525]))
+    peak = attention_target(probs, head_max=1.0)[0, 0]
+    torch.testing.assert_close(peak, torch.tensor([0.8, 0.3, 0.7]) / 1.8)
+    assert summed[0] < summed[1] and peak[0] > peak[1]  # only the max keeps A above B
+    mixed = attention_target(probs, head_max=0.5)[0, 0]
+    torch.testing.assert_close(mixed, 0.5 * summed + 0.5 * peak)
+    torch.testing.assert_close(mixed.sum(), torch.tensor(1.0))
+
+
+def test_head_max_out_of_range_raises():
+    with pytest.raises(ValueError, match="head_max"):
+        calibrate(tiny_llama(), batches(1), CFG, steps=1, head_max=1.5, progress=False)
 
 
 def test_checkpoints_resume(tmp_path):
