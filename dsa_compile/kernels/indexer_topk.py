@@ -48,7 +48,6 @@ def _configs():
     ]
 
 
-
 @triton.autotune(configs=_configs(), key=["H", "D", "CAUSAL", "HAS_MASK", "KEY_SCALE"])
 @triton.jit
 def indexer_scores_kernel(
@@ -208,4 +207,3 @@ def indexer_topk(
                                       key_mask, k_scale)
         select_topk_rows(scores, out, row0, q_offset, causal)
     return out
-

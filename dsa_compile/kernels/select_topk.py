@@ -2,7 +2,7 @@
 
 Each program owns one row of a float32 score chunk [B, rows, width] (-inf = hidden key,
 never selected). Scores map to int32 keys whose signed order is the float order (the
-score kernel already turned -0.0 into +0.0). Histograms of RADIX_BITS-wide digits,
+score kernel already turned -0.0 into +0.0). Histograms of 8-bit digits,
 most significant first, narrow the k-th largest key down to a prefix P at bit `shift`:
 every key with key >> shift > P is selected, and `need` more come from the keys with
 key >> shift == P. A last pass compacts the survivors in key order, so the output is
@@ -42,11 +42,11 @@ SAMPLE_RANK = 128
 
 def _configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK": 64, "RADIX_BITS": 8}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)]
     if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
-        return [triton.Config({"BLOCK": 1024, "RADIX_BITS": 8}, num_warps=4, num_stages=2)]
+        return [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2)]
     return [
-        triton.Config({"BLOCK": blk, "RADIX_BITS": 8}, num_warps=w, num_stages=2)
+        triton.Config({"BLOCK": blk}, num_warps=w, num_stages=2)
         for blk in (512, 1024, 2048)
         for w in (4, 8)
     ]
@@ -107,12 +107,11 @@ def _refine(src, stride, n, step, prefix, need, shift, done,
 
 @triton.jit
 def _radix_select(src, stride, n, step, k,
-                  BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, IS_KEYS: tl.constexpr):
+                  BLOCK: tl.constexpr, IS_KEYS: tl.constexpr):
     """The top min(k, live) keys among blocks [start, start + BLOCK), start = 0, step, ...
     below n, as (prefix, shift, need, live): keys with key >> shift > prefix, plus the
     first ``need`` (in position order) with key >> shift == prefix."""
-    tl.static_assert(RADIX_BITS == 8)
-    NB: tl.constexpr = 1 << RADIX_BITS
+    NB: tl.constexpr = 256  # 8-bit digits: 8 + 8 + 8 + 8 bits
     hist = tl.zeros([NB], tl.int32)
     for start in range(0, n, step):
         key, live = _load_keys(src, stride, start, n, BLOCK, IS_KEYS)
@@ -172,7 +171,7 @@ def select_topk_kernel(
     width, row0, q_offset, width_log2, stride_sample,
     TOPK: tl.constexpr, CAP: tl.constexpr, SAMPLED: tl.constexpr, CAUSAL: tl.constexpr,
     SAMPLE_W: tl.constexpr, SAMPLE_K: tl.constexpr,
-    BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -193,7 +192,7 @@ def select_topk_kernel(
                                                            SAMPLE_W)
             rank = (SAMPLE_K * sampled + n - 1) // n + 2
             prefix, shift, _need, live = _radix_select(s_row, stride_ss, n, stride_sample,
-                                                       rank, SAMPLE_W, RADIX_BITS, False)
+                                                       rank, SAMPLE_W, False)
             if live > rank:
                 # 2. Copy the keys at or above the bound to the row's scratch, in order.
                 sk_row = SK + (b * rows + r) * CAP
@@ -212,13 +211,13 @@ def select_topk_kernel(
                 if (count >= TOPK) & (count < CAP):
                     # 3. Exact selection on the scratch.
                     prefix, shift, need, _live = _radix_select(sk_row, 1, count, BLOCK, TOPK,
-                                                               BLOCK, RADIX_BITS, True)
+                                                               BLOCK, True)
                     _emit(sk_row, 1, count, si_row, prefix, shift, need, o_row, TOPK, BLOCK,
                           True)
                     plain = tl.zeros([], tl.int32)
     if plain != 0:
         prefix, shift, need, _live = _radix_select(s_row, stride_ss, n, BLOCK, TOPK,
-                                                   BLOCK, RADIX_BITS, False)
+                                                   BLOCK, False)
         _emit(s_row, stride_ss, n, s_row, prefix, shift, need, o_row, TOPK, BLOCK, False)
 
 

@@ -59,7 +59,6 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-
 @triton.autotune(
     configs=_configs(),
     key=["R", "D", "DV", "TOPK", "SOFTCAP"],
