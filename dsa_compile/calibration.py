@@ -367,7 +367,7 @@ def save_indexers(model: nn.Module, path: str | os.PathLike,
     """
     from safetensors.torch import save_file
 
-    found = REGISTRY.indexers_of(model)
+    found = REGISTRY.sites_of(model)
     names = list(sites) if sites is not None else sorted(found)
     if not names:
         raise ValueError("save_indexers: the model has no registered indexers; run it through "
@@ -376,10 +376,12 @@ def save_indexers(model: nn.Module, path: str | os.PathLike,
     tensors, meta = {}, {}
     for name in names:
         if name not in found:
-            raise ValueError(f"save_indexers: site {name!r} has no registered indexer")
-        ix = found[name]
+            raise ValueError(f"save_indexers: site {name!r} has no registered indexer "
+                             f"(the model's sites: {sorted(found)})")
+        ix, fqns = found[name]
         meta[name] = {
-            "anchors": {f: list(shapes[f]) for f in ix.anchor_fqns if f in shapes},
+            # FQNs relative to ``model``, whatever module the indexer was compiled through.
+            "anchors": {f: list(shapes[f]) for f in fqns},
             "num_q_heads": ix.num_q_heads, "num_kv_heads": ix.num_kv_heads,
             "head_dim": ix.head_dim, "index_heads": ix.index_heads, "index_dim": ix.index_dim,
         }

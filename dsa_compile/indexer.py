@@ -327,14 +327,37 @@ class IndexerRegistry:
             indexer.to(device)
         return self.register(site_name, anchor_fqns, anchors, indexer)
 
-    def indexers_of(self, model: nn.Module) -> dict[str, Indexer]:
-        """{site name: indexer} for every registered site whose anchors live in ``model``."""
-        found: dict[str, Indexer] = {}
-        for p in model.parameters():
+    def sites_of(self, model: nn.Module) -> dict[str, tuple[Indexer, list[str]]]:
+        """{site name: (indexer, its anchors' FQNs)} for every registered site whose
+        anchors live in ``model``, named relative to ``model``.
+
+        Found by parameter identity, so an indexer registered while compiling a wrapper
+        (site ``lm.model.layers.0.self_attn``) is ``model.layers.0.self_attn`` of the
+        wrapped model: files saved from either load into the other. The name is the
+        common module of the anchors, else the registered name.
+        """
+        anchors: dict[int, tuple[Indexer, list[str]]] = {}
+        for fqn, p in model.named_parameters():
             indexer = self._get(p)
             if indexer is not None:
-                found.setdefault(indexer.site_name, indexer)
+                anchors.setdefault(id(indexer), (indexer, []))[1].append(fqn)
+        found: dict[str, tuple[Indexer, list[str]]] = {}
+        for indexer, fqns in anchors.values():
+            parents = [f.split(".")[:-1] for f in fqns]
+            common = parents[0]
+            for parts in parents[1:]:
+                n = 0
+                while n < min(len(common), len(parts)) and common[n] == parts[n]:
+                    n += 1
+                common = common[:n]
+            name = ".".join(common) or indexer.site_name
+            found.setdefault(name, (indexer, fqns))
         return found
+
+    def indexers_of(self, model: nn.Module) -> dict[str, Indexer]:
+        """{site name: indexer} for every registered site whose anchors live in ``model``,
+        named relative to ``model`` (see :meth:`sites_of`)."""
+        return {name: ix for name, (ix, _) in self.sites_of(model).items()}
 
 
 REGISTRY = IndexerRegistry()

@@ -109,6 +109,46 @@ def test_save_load_round_trip_exact(tmp_path):
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+class _Logits(torch.nn.Module):
+    """A wrapper as users compile it: ids -> logits, the LM one module down."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(ids, use_cache=False).logits
+
+
+def test_save_load_across_a_wrapper(tmp_path):
+    # Indexers created by torch.compile of a wrapper are anchored on "lm.model...";
+    # saved from the inner model they must carry the inner names (they once saved no
+    # anchors at all, and the file then failed to load).
+    model = tiny_llama()
+    x = batches(1, seed=3)[0]
+    compiled = torch.compile(_Logits(model), backend="dsa",
+                             options={"top_k": CFG.top_k, "index_dim": CFG.index_dim,
+                                      "dense_below": 0})
+    with torch.no_grad():
+        compiled(x)
+    inner = REGISTRY.indexers_of(model)
+    assert sorted(inner) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert sorted(REGISTRY.indexers_of(_Logits(model))) == [f"lm.{s}" for s in sorted(inner)]
+    path = tmp_path / "ix.safetensors"
+    save_indexers(model, path)
+    meta = json.loads(__import__("safetensors").safe_open(path, "pt").metadata()["sites"])
+    assert all(m["anchors"] and all(f.startswith("model.") for f in m["anchors"])
+               for m in meta.values())
+    copy = tiny_llama()
+    copy.load_state_dict(model.state_dict())
+    load_indexers(copy, path)
+    with torch.no_grad(), attention_override(model, "dsa", CFG):
+        before = model(x).logits
+    with torch.no_grad(), attention_override(copy, "dsa", CFG):
+        after = copy(x).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
 def test_corrupt_file_raises(tmp_path):
     model = tiny_llama()
     calibrate(model, batches(1), CFG, steps=0, progress=False)
