@@ -256,10 +256,16 @@ def perplexity(model: nn.Module, blocks: Tensor, mode: str = "dense",
 
 @dataclasses.dataclass
 class PasskeyResult:
+    """One passkey trial: ``found`` = the key's digits appear in the greedy answer (the
+    usual passkey criterion); ``exact`` = the greedy answer starts with exactly the
+    expected tokens (" " + key), stricter: " the 43936" is found but not exact."""
+
     tokens: int
     depth: float
     key: str
     found: bool
+    exact: bool = False
+    answer: str = ""
 
 
 _PASSKEY_HEAD = ("There is an important pass key hidden inside a lot of irrelevant text. "
@@ -290,10 +296,37 @@ def passkey_prompt(tokenizer, tokens: int, depth: float, key: str) -> tuple[Tens
 
 
 @torch.no_grad()
+def greedy_continuation(model: nn.Module, prompt: Tensor, draft: Tensor, steps: int) -> Tensor:
+    """The model's greedy continuation of ``prompt`` [P], ``steps`` tokens long, exactly,
+    without a KV cache (so every forward runs whole-prompt attention, as DSA prefill).
+
+    ``draft`` [A] (the expected answer) is verified in the same forward as the step it
+    proposes, as in speculative decoding: a forward accepts every draft token the model
+    agrees with plus one token of its own, so a model that answers as expected costs one
+    forward, and each disagreement one more. After a disagreement the draft resumes where
+    it stood (the model's token counts as an insertion: " the 43936" costs two forwards).
+    Returns int64 [steps].
+    """
+    out = prompt.new_empty(0)
+    draft = draft.clone()
+    while out.numel() < steps:
+        proposal = torch.cat([out, draft])[:steps]
+        ids = torch.cat([prompt, proposal])[None]
+        pred = model(ids).logits[0, prompt.numel() - 1 :].argmax(-1)  # [len(proposal) + 1]
+        new = proposal[out.numel():]
+        agree = int((pred[out.numel() : out.numel() + new.numel()] == new).cumprod(0).sum())
+        out = torch.cat([out, new[:agree], pred[out.numel() + agree : out.numel() + agree + 1]])
+        draft = draft[agree:]
+    return out[:steps]
+
+
+@torch.no_grad()
 def passkey(model: nn.Module, tokenizer, tokens: int, trials: int = 6, mode: str = "dense",
             config: DSAConfig | None = None, seed: int = 0) -> list[PasskeyResult]:
-    """Passkey retrieval: is every answer token the greedy next token? (teacher forced,
-    which equals greedy decoding of the answer, in one forward pass per trial)."""
+    """Passkey retrieval, ``trials`` needles at evenly spread depths: the model answers
+    greedily (answer length + 2 tokens, room for a lead-in such as " the"; see
+    :func:`greedy_continuation`) and the key is found when its digits appear in the
+    answer. ``exact`` records the stricter criterion (the answer is the key's tokens)."""
     rng = random.Random(seed)
     results = []
     with attention_override(model, mode, config):
@@ -301,10 +334,11 @@ def passkey(model: nn.Module, tokenizer, tokens: int, trials: int = 6, mode: str
             depth = (i + 0.5) / trials
             key = str(rng.randrange(10_000, 100_000))
             prompt, answer = passkey_prompt(tokenizer, tokens, depth, key)
-            ids = torch.cat([prompt, answer])[None]
-            logits = model(ids).logits[0, prompt.numel() - 1 : -1]
-            results.append(PasskeyResult(ids.shape[1], depth, key,
-                                         bool((logits.argmax(-1) == answer).all())))
+            got = greedy_continuation(model, prompt, answer, answer.numel() + 2)
+            text = tokenizer.decode(got)
+            results.append(PasskeyResult(prompt.numel() + answer.numel(), depth, key,
+                                         key in text, bool(torch.equal(got[: answer.numel()],
+                                                                       answer)), text))
     return results
 
 

@@ -111,7 +111,7 @@ def main(argv=None) -> None:
           f"(dsa_compile {dsa_compile.__version__}):")
     print(report)
 
-    rows = {}
+    rows, misses = {}, {}
 
     def measure(label, mode, ppl=None):
         t0 = time.perf_counter()
@@ -125,10 +125,12 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             res = passkey(model, tok, n, args.trials, mode, config)
             timings[f"passkey {n} {label}"] = time.perf_counter() - t0
-            found[n] = sum(r.found for r in res)
+            found[n] = (sum(r.found for r in res), sum(r.exact for r in res))
+            misses[f"{label} @{n}"] = [(r.key, r.answer) for r in res if not r.exact]
         rows[label] = (ppl, found)
         print(f"  {label:<28} perplexity {ppl:8.3f}  " + "  ".join(
-            f"passkey@{n}: {k}/{args.trials}" for n, k in found.items()), flush=True)
+            f"passkey@{n}: {k}/{args.trials} (exact {e})" for n, (k, e) in found.items()),
+            flush=True)
 
     def measure_compiled(label):
         t0 = time.perf_counter()
@@ -136,7 +138,8 @@ def main(argv=None) -> None:
         timings[f"perplexity {label} (compiled)"] = time.perf_counter() - t0
         measure(label, "dsa", ppl)
 
-    print("measuring (attention / perplexity / passkeys found):")
+    print("measuring (attention / perplexity / passkeys found, i.e. the key's digits in the "
+          "greedy answer; exact: the answer is exactly the key):")
     measure("dense", "dense")
     measure(f"window {args.top_k}", "window")
     measure_compiled("DSA training-free")
@@ -156,7 +159,10 @@ def main(argv=None) -> None:
         save_indexers(model, args.save)
         print(f"indexers saved to {args.save}")
 
-
+    print("\npasskey answers that are not exactly the key (key: greedy answer):")
+    for where, wrong in misses.items():
+        for key, answer in wrong:
+            print(f"  {where:<32} {key}: {answer!r}")
     dense = rows["dense"][0]
     print("\nsummary (perplexity relative to dense):")
     for label, (ppl, _) in rows.items():

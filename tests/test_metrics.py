@@ -60,3 +60,65 @@ def test_harness_modes_are_exact_with_a_full_budget():
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         with attention_override(model, "window", DSAConfig(top_k=4)):
             assert not torch.allclose(model(x).logits, ref, atol=1e-3)
+
+
+def _naive_greedy(model, prompt, steps):
+    ids = prompt.clone()
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids[None]).logits[0, -1].argmax()[None]])
+    return ids[prompt.numel():]
+
+
+def test_greedy_continuation_equals_step_by_step_decoding_for_any_draft():
+    """The draft only saves forwards: right, wrong, short or long, the continuation is
+    the model's own greedy one."""
+    from dsa_compile.evaluation import greedy_continuation
+
+    model = tiny_llama()
+    prompt = batches(1, 37)[0][0]
+    want = _naive_greedy(model, prompt, 9)
+    wrong = (want + 1) % 101
+    mixed = want.clone()
+    mixed[[0, 4]] = wrong[[0, 4]]
+    for draft in (want, wrong, mixed, want[:3], torch.cat([want, wrong]), want[:0]):
+        got = greedy_continuation(model, prompt, draft, 9)
+        assert torch.equal(got, want), draft
+
+
+def test_passkey_reports_found_and_exact():
+    """With a character tokenizer, a model that answers the key is found and exact; one
+    that answers ' the <key>' is found but not exact; one that answers 00000 is neither."""
+    from dsa_compile import evaluation
+
+    class CharTokenizer:
+        def __call__(self, text, return_tensors=None):
+            ids = torch.tensor([ord(c) for c in text])
+            return type("Encoding", (), {"input_ids": ids[None] if return_tensors else ids})
+
+        def decode(self, ids):
+            return "".join(chr(int(i)) for i in ids)
+
+    class Answers(torch.nn.Module):
+        """Greedily continues a passkey prompt with ``template`` (``{key}``: the needle's key)."""
+
+        def __init__(self, template):
+            super().__init__()
+            self.template = template
+
+        def forward(self, ids):
+            text = "".join(chr(i) for i in ids[0].tolist())
+            key = text[text.index("key is ") + 7 :][:5]
+            question = "What is the pass key? The pass key is"
+            end = text.index(question) + len(question)  # the prompt's length
+            answer = [ord(c) for c in self.template.format(key=key)] + [ord(".")] * 64
+            logits = torch.zeros(1, len(text), 128)
+            for pos in range(end - 1, len(text)):
+                logits[0, pos, answer[pos - end + 1]] = 1.0
+            return type("Output", (), {"logits": logits})
+
+    for template, found, exact in ((" {key}", True, True), (" the {key}", True, False),
+                                   (" 00000", False, False)):
+        res = evaluation.passkey(Answers(template), CharTokenizer(), 300, trials=2)
+        assert [r.found for r in res] == [found] * 2, [r.answer for r in res]
+        assert [r.exact for r in res] == [exact] * 2, [r.answer for r in res]
