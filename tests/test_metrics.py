@@ -88,7 +88,8 @@ def test_greedy_continuation_equals_step_by_step_decoding_for_any_draft():
 
 def test_passkey_reports_found_and_exact():
     """With a character tokenizer, a model that answers the key is found and exact; one
-    that answers ' the <key>' is found but not exact; one that answers 00000 is neither."""
+    that answers ' a <key>' (a lead-in within the 2 spare tokens) is found but not exact; one
+    that answers 00000 is neither."""
     from dsa_compile import evaluation
 
     class CharTokenizer:
@@ -117,7 +118,7 @@ def test_passkey_reports_found_and_exact():
                 logits[0, pos, answer[pos - end + 1]] = 1.0
             return type("Output", (), {"logits": logits})
 
-    for template, found, exact in ((" {key}", True, True), (" the {key}", True, False),
+    for template, found, exact in ((" {key}", True, True), (" a {key}", True, False),
                                    (" 00000", False, False)):
         res = evaluation.passkey(Answers(template), CharTokenizer(), 300, trials=2)
         assert [r.found for r in res] == [found] * 2, [r.answer for r in res]
