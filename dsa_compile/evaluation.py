@@ -308,7 +308,6 @@ def greedy_continuation(model: nn.Module, prompt: Tensor, draft: Tensor, steps: 
     Returns int64 [steps].
     """
     out = prompt.new_empty(0)
-    draft = draft.clone()
     while out.numel() < steps:
         proposal = torch.cat([out, draft])[:steps]
         ids = torch.cat([prompt, proposal])[None]
