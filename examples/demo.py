@@ -86,6 +86,8 @@ def main(argv=None) -> None:
     parser.add_argument("--indexers", default=None, help="load indexers from this file")
     parser.add_argument("--save", default=None, help="save the indexers to this file")
     parser.add_argument("--plot", default=None, help="write the recall-by-layer PNG here")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also measure the oracle: top_k keys by head-summed dense attention")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = DSAConfig(top_k=args.top_k, dense_below=0)
@@ -142,7 +144,9 @@ def main(argv=None) -> None:
           "greedy answer; exact: the answer is exactly the key):")
     measure("dense", "dense")
     measure(f"window {args.top_k}", "window")
-    measure_compiled("DSA training-free")
+    if args.oracle:
+        measure(f"oracle top {args.top_k}", "oracle")
+    measure_compiled("DSA loaded indexers" if args.indexers else "DSA training-free")
     if args.calibrate:
         start = -(-CALIB_OFFSET * args.length // args.calib_length)  # after the fit block
         cal = token_blocks(tok, args.calib_length, args.calib_blocks, offset=start)
