@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,27 @@ to 128K (0.65x there), so every query up to 128K visible keys stays dense and th
 model is never slower than dense in that range. Pass ``dense_below=0`` for sparsity at
 any length (quality studies, memory), or a smaller value once faster kernels move the
 crossover down."""
+
+
+def _check_int(name: str, value: Any, low: int, optional: bool = False, hint: str = "") -> None:
+    """Raise unless ``value`` is an int >= ``low`` (or None when ``optional``); not a bool."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        what += " or None (the default)" if optional else ""
+        hint = f" ({hint})" if hint else ""
+        raise ValueError(f"DSAConfig.{name} must be {what}{hint}, got {value!r}")
+
+
+def _patterns(name: str, value: Any, hint: str) -> tuple[str, ...]:
+    """fnmatch patterns as a tuple: one str, or a list / tuple of str."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"DSAConfig.{name} must be a str or a list / tuple of str (fnmatch "
+                     f"patterns of module paths; {hint}), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,15 +51,19 @@ class DSAConfig:
             length). ``0`` turns every dense fallback off and forces the sparse path.
             The default is the measured speed crossover of the current kernels
             (:data:`DENSE_BELOW_DEFAULT`).
-        sites: module-path patterns (fnmatch) of the attention sites to convert;
-            ``None`` converts every site the passes can prove safe.
-        exclude: module-path patterns never to convert.
+        sites: module-path patterns (fnmatch) of the attention sites to convert: a str or
+            a list / tuple of str, stored as a tuple; ``None`` converts every site the
+            passes can prove safe.
+        exclude: module-path patterns never to convert (str or list / tuple of str).
         softcap: logit soft-cap applied in sparse attention (``0`` = off); normally
             taken from the model, this overrides it.
         min_keys: sites whose key length is known statically and below this stay dense.
         index_fp8: score the indexer in FP8 (e4m3) on CUDA (Hopper or later) when the
             compiled model runs (``torch.compile`` backend; with :func:`apply`, run the
             model inside ``dsa_compile.fp8_indexer()``). CPU ignores it.
+
+    Raises ValueError naming the field for a wrong type or range (ints must be ints, not
+    bools; softcap finite).
     """
 
     top_k: int = 2048
@@ -51,23 +77,25 @@ class DSAConfig:
     index_fp8: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.top_k, int) or self.top_k <= 0:
-            raise ValueError(f"DSAConfig.top_k must be a positive int, got {self.top_k!r}")
-        for name in ("index_heads", "index_dim"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"DSAConfig.{name} must be a positive int or None, got {value!r}")
-        if not isinstance(self.dense_below, int) or self.dense_below < 0:
-            raise ValueError(
-                f"DSAConfig.dense_below must be an int >= 0 (0 forces the sparse path), "
-                f"got {self.dense_below!r}"
-            )
-        if self.softcap < 0:
-            raise ValueError(f"DSAConfig.softcap must be >= 0, got {self.softcap!r}")
-        if self.sites is not None and isinstance(self.sites, str):
-            object.__setattr__(self, "sites", (self.sites,))
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
+        # bool is an int subclass: top_k=True would silently mean top_k=1.
+        _check_int("top_k", self.top_k, low=1)
+        _check_int("index_heads", self.index_heads, low=1, optional=True)
+        _check_int("index_dim", self.index_dim, low=1, optional=True)
+        _check_int("dense_below", self.dense_below, low=0,
+                   hint="0 forces the sparse path everywhere")
+        _check_int("min_keys", self.min_keys, low=0)
+        softcap = self.softcap
+        if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                or not math.isfinite(softcap) or softcap < 0):
+            raise ValueError(f"DSAConfig.softcap must be a finite number >= 0 (0 = off), "
+                             f"got {softcap!r}")
+        if not isinstance(self.index_fp8, bool):
+            raise ValueError(f"DSAConfig.index_fp8 must be True or False, got "
+                             f"{self.index_fp8!r}")
+        if self.sites is not None:
+            object.__setattr__(self, "sites", _patterns("sites", self.sites, "None = all sites"))
+        object.__setattr__(self, "exclude", _patterns("exclude", self.exclude,
+                                                      "() = exclude nothing"))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | DSAConfig | None) -> DSAConfig:
