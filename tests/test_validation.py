@@ -7,6 +7,7 @@ Shapes are tiny: every case runs in well under a second on CPU.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dsa_compile.config import DSAConfig
 
@@ -36,3 +37,20 @@ def test_config_keeps_str_and_sequences_of_patterns():
     assert config.sites == ("a", "b") and config.exclude == ("c",) and config.softcap == 30
     assert DSAConfig().sites is None and DSAConfig().exclude == ()
     hash(config)  # frozen and now hashable: lists became tuples
+
+
+# --------------------------------------------------------------------------------------
+# Device groups (finding 8)
+# --------------------------------------------------------------------------------------
+
+
+def test_check_same_device_groups_names_both_groups():
+    from dsa_compile.ops.checks import check_same_device_groups
+
+    cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")
+    check_same_device_groups("attention", {"q": cpu, "k": cpu}, {"w": cpu, "key_mask": None})
+    with pytest.raises(ValueError, match=r"dsa\.attention: q_idx, w are on meta but q, k are "
+                                         r"on cpu; move them to one device"):
+        check_same_device_groups("attention", {"q": cpu, "k": cpu}, {"q_idx": meta, "w": meta})
+    with pytest.raises(ValueError, match="w is on meta but q_idx is on cpu"):
+        check_same_device_groups("attention", {"q": cpu}, {"q_idx": cpu, "w": meta})

@@ -53,6 +53,25 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
         )
 
 
+def check_same_device_groups(op: str, *groups: dict[str, torch.Tensor | None]) -> None:
+    """Every tensor of every group on one device, e.g. ``({"q": q, "k": k, "v": v},
+    {"q_idx": q_idx, "k_idx": k_idx, "w": w})``: each group is checked as
+    :func:`check_same_device`, then the groups against the first one, naming both."""
+    firsts = []
+    for group in groups:
+        check_same_device(op, **group)
+        names = [n for n, t in group.items() if t is not None]
+        firsts.append((", ".join(names), group[names[0]].device))
+    first_names, first_device = firsts[0]
+    for names, device in firsts[1:]:
+        check(
+            device == first_device,
+            op,
+            f"{names} are on {device} but {first_names} are on {first_device}; "
+            f"move them to one device",
+        )
+
+
 def check_indexer_args(op, q_idx, k_idx, w, top_k, q_offset, key_mask) -> None:
     check_tensor(op, "q_idx", q_idx, 4)
     check_tensor(op, "k_idx", k_idx, 3)
