@@ -198,8 +198,17 @@ class Indexer(nn.Module):
 
         Returns self. Sets each group's rank-r factorisation (``low_rank_bilinear``) and
         the bias c_j = 2 * the std of the head's centred scores, so that ReLU rarely cuts.
+        Raises ValueError when q or k hold NaN / inf (a NaN indexer would select nothing),
+        or when the fit itself comes out non-finite; the weights are then left as they were.
         """
         self._check_inputs(q, k)
+        for name, t in (("q", q), ("k", k)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"Indexer.fit{self._where()}: the site's {name} {tuple(t.shape)} holds NaN "
+                    f"or inf values, so no indexer can be fitted on it; check the model's "
+                    f"weights and inputs (a NaN weight propagates into every later layer)")
+        before = {n: p.detach().clone() for n, p in self.named_parameters()}
         d = self.head_dim
         group_size = self.num_q_heads // self.num_kv_heads
         qs = q.detach().float().reshape(q.shape[0], self.num_kv_heads, group_size, q.shape[2], d)
@@ -217,8 +226,19 @@ class Indexer(nn.Module):
         bias = 2.0 * dots.transpose(0, 1).reshape(self.index_heads, -1).std(-1)
         self.bq.view(self.index_heads, self.index_dim)[:, -1] = bias.to(self.bq)
         self.bw.fill_(_softplus_inverse(self._fit_temperature(q, k)))
+        bad = non_finite_parameters(self)
+        if bad:
+            for n, p in self.named_parameters():
+                p.copy_(before[n])
+            raise ValueError(
+                f"Indexer.fit{self._where()}: the fit gave non-finite weights {bad} (activations "
+                f"too large for float32?); the previous weights were kept")
         self.fitted = True
         return self
+
+    def _where(self) -> str:
+        name = getattr(self, "site_name", None)
+        return f" (site {name!r})" if name is not None else ""
 
     @torch.no_grad()
     def _fit_temperature(self, q: torch.Tensor, k: torch.Tensor, rows: int = 64) -> float:
@@ -274,6 +294,11 @@ class Indexer(nn.Module):
         return q_idx.to(q.dtype), k_idx.to(q.dtype), w.to(q.dtype)
 
 
+def non_finite_parameters(indexer: nn.Module) -> list[str]:
+    """Names of the parameters of ``indexer`` holding NaN or inf (empty when all finite)."""
+    return [n for n, p in indexer.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 class IndexerRegistry:
     """Maps a site's anchor parameters (by identity) to its :class:`Indexer`.
 
@@ -318,14 +343,40 @@ class IndexerRegistry:
     def get_or_create(self, site_name: str, anchor_fqns: Sequence[str],
                       anchors: Sequence[torch.Tensor], num_q_heads: int, num_kv_heads: int,
                       head_dim: int, config: DSAConfig, device=None) -> Indexer:
-        """The site's indexer: the registered one, else a new training-free one."""
+        """The site's indexer: the registered one, else a new training-free one.
+
+        A registered indexer is never rebuilt behind the user's back (it may be calibrated):
+        when ``config.index_heads`` / ``index_dim`` are set and differ from its shape, this
+        raises ValueError; ``None`` (the default) matches any shape. To change the shape,
+        :func:`reset_indexers` the model first (and ``torch._dynamo.reset()`` before the
+        next compile).
+        """
         found = self.lookup(anchors)
         if found is not None:
+            want = (config.index_heads or found.index_heads, config.index_dim or found.index_dim)
+            if want != (found.index_heads, found.index_dim):
+                raise ValueError(
+                    f"site {site_name!r} already has an indexer of shape H_I x d_I = "
+                    f"{found.index_heads} x {found.index_dim}"
+                    f"{' (fitted or calibrated)' if found.fitted else ''}, but the config asks "
+                    f"for {want[0]} x {want[1]}; leave index_heads / index_dim at None (or "
+                    f"set them to {found.index_heads} / {found.index_dim}) to use it, or call "
+                    f"dsa_compile.indexer.reset_indexers(model) to drop the model's indexers "
+                    f"(their fit and calibration are lost) and compile again")
             return found
         indexer = Indexer(num_q_heads, num_kv_heads, head_dim, config)
         if device is not None:
             indexer.to(device)
         return self.register(site_name, anchor_fqns, anchors, indexer)
+
+    def remove(self, model: nn.Module) -> list[str]:
+        """Unregister every indexer anchored on ``model``'s parameters; returns the site
+        names (as :meth:`sites_of`)."""
+        names = sorted(self.sites_of(model))
+        for p in model.parameters():
+            if self._get(p) is not None:
+                del self._by_id[id(p)]
+        return names
 
     def sites_of(self, model: nn.Module) -> dict[str, tuple[Indexer, list[str]]]:
         """{site name: (indexer, its anchors' FQNs)} for every registered site whose
@@ -361,3 +412,11 @@ class IndexerRegistry:
 
 
 REGISTRY = IndexerRegistry()
+
+
+def reset_indexers(model: nn.Module) -> list[str]:
+    """Forget the indexers of ``model`` (fitted, calibrated or loaded), so the next
+    compile, ``calibrate`` or evaluation builds new ones from its config (e.g. another
+    index_heads / index_dim). Graphs compiled earlier keep their indexers: call
+    ``torch._dynamo.reset()`` before compiling again. Returns the site names dropped."""
+    return REGISTRY.remove(model)
