@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from dsa_compile.config import DSAConfig
 from dsa_compile.evaluation import SiteCall, attention_override, site_anchors
-from dsa_compile.indexer import REGISTRY, Indexer
+from dsa_compile.files import destination, write_atomic
+from dsa_compile.indexer import REGISTRY, Indexer, non_finite_parameters
 
 FORMAT = "dsa_compile.indexers"
 VERSION = "1"
@@ -77,19 +78,28 @@ def _batch_tokens(batch) -> int:
 
 
 @torch.no_grad()
-def capture_sites(model: nn.Module, batches: Iterable,
-                  config: DSAConfig) -> tuple[dict[str, _Site], int]:
+def capture_sites(model: nn.Module, batches: Iterable, config: DSAConfig,
+                  caller: str = "calibrate") -> tuple[dict[str, _Site], int]:
     """One dense forward per batch, recording every site's q and k (post-RoPE).
 
     Creates (or finds) each site's indexer in the registry and fits an unfitted one on
-    the first batch. Returns ({site: _Site}, tokens seen).
+    the first batch. Returns ({site: _Site}, tokens seen). Raises ValueError (prefixed
+    with ``caller``) when ``batches`` is empty, a site's q or k holds NaN / inf, or the
+    model makes no attention call DSA can take.
     """
     if isinstance(batches, Tensor):
         batches = [batches]  # one batch [B, L]; iterating it would yield 1-D rows
     sites: dict[str, _Site] = {}
     tokens = 0
+    count = 0
 
     def record(call: SiteCall):
+        for name, t in (("q", call.q), ("k", call.k)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"{caller}: batch {count}: the attention {name} of site {call.name!r} "
+                    f"holds NaN or inf values; the model's weights or inputs are not finite "
+                    f"(a NaN weight propagates into every later layer): fix them first")
         site = sites.get(call.name)
         if site is None:
             fqns, anchors = site_anchors(model, call.module, call.name)
@@ -108,17 +118,21 @@ def capture_sites(model: nn.Module, batches: Iterable,
         for batch in batches:
             _run(model, batch)
             tokens += _batch_tokens(batch)
+            count += 1
+    if count == 0:
+        raise ValueError(f"{caller}: batches is empty; pass at least one input_ids tensor "
+                         f"[B, L] or dict of model inputs")
     if not sites:
-        raise ValueError("calibrate: the model made no F.scaled_dot_product_attention call that "
-                         "DSA can take (unmasked, no dropout, more than one query); nothing "
-                         "to calibrate")
+        raise ValueError(f"{caller}: the model made no F.scaled_dot_product_attention call "
+                         f"that DSA can take (unmasked, no dropout, more than one query); "
+                         f"nothing to measure or calibrate")
     return sites, tokens
 
 
 def fit_indexers(model: nn.Module, batches: Iterable, config: DSAConfig | None = None) -> list[str]:
     """Training-free start: create (or find) every site's indexer and fit unfitted ones on
     the activations of the first batch (see :meth:`Indexer.fit`). Returns the site names."""
-    sites, _ = capture_sites(model, batches, config or DSAConfig())
+    sites, _ = capture_sites(model, batches, config or DSAConfig(), caller="fit_indexers")
     return list(sites)
 
 
@@ -228,23 +242,36 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
 
     Returns a :class:`CalibrationResult`. Calibrated indexers are registered, so a
     later ``torch.compile(model, backend="dsa")`` or :func:`save_indexers` uses them.
-    Raises ValueError when no attention site is found or ``steps`` < 0.
+
+    Raises ValueError, before any work, for an argument out of range (steps < 0, lr not
+    finite and > 0, rows_per_step or checkpoint_every < 1, head_max outside [0, 1], ...),
+    empty ``batches``, a model weight or buffer holding NaN / inf, or a checkpoint_dir
+    that is a file; later when no attention site is found, a site's activations are not
+    finite, a checkpoint file is corrupt (naming it), or training diverges (a non-finite
+    loss or weight: the indexers are then restored to their state before training).
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if not 0.0 <= head_max <= 1.0:
-        raise ValueError(f"head_max must be in [0, 1], got {head_max}")
+    _check_calibrate_args(config, steps, lr, rows_per_step, checkpoint_every, recall_weight,
+                          head_max, seed)
+    if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and \
+            not os.path.isdir(checkpoint_dir):
+        raise ValueError(f"calibrate: checkpoint_dir {os.fspath(checkpoint_dir)!r} exists and "
+                         f"is not a folder; pass a folder path (created if missing)")
+    batches = [batches] if isinstance(batches, Tensor) else list(batches)
+    if not batches:
+        raise ValueError("calibrate: batches is empty; pass at least one input_ids tensor "
+                         "[B, L] or dict of model inputs")
+    _check_finite_model(model)
     config = config or DSAConfig()
     start = time.perf_counter()
     # Softmax tails underflow into denormals, which slow CPU float math many times over.
     flush = torch.set_flush_denormal(True)
     was_training = model.training
     frozen = [(p, p.requires_grad) for p in model.parameters()]
+    params: list[nn.Parameter] = []
     model.eval()
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        batches = [batches] if isinstance(batches, Tensor) else list(batches)
         sites, tokens = capture_sites(model, batches, config)
         indexers = [s.indexer for s in sites.values()]
         params = [p for ix in indexers for p in ix.parameters()]
@@ -258,6 +285,9 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
         ckpt = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
         if ckpt and os.path.exists(os.path.join(ckpt, "state.json")):
             done, losses = _resume(model, sites, opt, ckpt)
+        # Restored if training diverges, so no NaN indexer stays registered.
+        start_state = {name: {n: p.detach().clone() for n, p in site.indexer.named_parameters()}
+                       for name, site in sites.items()}
         gen = random.Random(seed + done)
         bar = _progress(range(done, steps), progress, steps, done)
         for step in bar:
@@ -272,24 +302,84 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
                                   rows.to(dev), config.top_k if recall_weight else None,
                                   recall_weight, head_max)
                 loss.backward()
-                total += loss.item()
+                value = loss.item()
+                if not math.isfinite(value):
+                    _diverged(sites, start_state, f"step {step + 1}: the loss of site "
+                              f"{site.name!r} is {value}", lr)
+                total += value
             opt.step()
+            for site in sites.values():
+                bad = non_finite_parameters(site.indexer)
+                if bad:
+                    _diverged(sites, start_state, f"step {step + 1} made the weights {bad} of "
+                              f"site {site.name!r} non-finite", lr)
             losses.append(total / len(sites))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(kl=f"{losses[-1]:.4f}")
             if ckpt and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                 _checkpoint(model, opt, sites, ckpt, step + 1, losses)
-        for p in params:
-            p.requires_grad_(False)
         for ix in indexers:
             ix.fitted = True
     finally:
+        for p in params:
+            p.requires_grad_(False)
         if flush:
             torch.set_flush_denormal(False)
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
     return CalibrationResult(steps, tokens, time.perf_counter() - start, losses, list(sites))
+
+
+def _check_calibrate_args(config, steps, lr, rows_per_step, checkpoint_every, recall_weight,
+                          head_max, seed) -> None:
+    def number(x) -> bool:  # bool is an int subclass, but lr=True is a mistake
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def integer(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if config is not None and not isinstance(config, DSAConfig):
+        raise ValueError(f"calibrate: config must be a DSAConfig or None, got "
+                         f"{type(config).__name__}")
+    problems = [
+        (integer(steps) and steps >= 0, f"steps must be an int >= 0, got {steps!r}"),
+        (number(lr) and lr > 0, f"lr must be a finite number > 0 (the default is 1e-2), "
+                                f"got {lr!r}"),
+        (integer(rows_per_step) and rows_per_step > 0,
+         f"rows_per_step must be an int >= 1, got {rows_per_step!r}"),
+        (integer(checkpoint_every) and checkpoint_every > 0,
+         f"checkpoint_every must be an int >= 1 (steps between checkpoints), got "
+         f"{checkpoint_every!r}"),
+        (number(recall_weight) and recall_weight >= 0,
+         f"recall_weight must be a finite number >= 0, got {recall_weight!r}"),
+        (number(head_max) and 0.0 <= head_max <= 1.0, f"head_max must be in [0, 1], got "
+                                                      f"{head_max!r}"),
+        (integer(seed), f"seed must be an int, got {seed!r}"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(f"calibrate: {message}")
+
+
+def _check_finite_model(model: nn.Module) -> None:
+    """Refuse a model whose weights hold NaN / inf: every activation after them would."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"calibrate: the model's {name!r} {tuple(t.shape)} holds NaN or "
+                             f"inf values; no indexer can be fitted or calibrated on its "
+                             f"attention. Reload or repair the model's weights first")
+
+
+def _diverged(sites: dict[str, _Site], start_state: dict, what: str, lr: float) -> None:
+    """Put every indexer back as it was before training, then raise."""
+    with torch.no_grad():
+        for name, site in sites.items():
+            for n, p in site.indexer.named_parameters():
+                p.copy_(start_state[name][n])
+    raise ValueError(f"calibrate: training diverged: {what} (lr={lr}); lower lr and run "
+                     f"again. The indexers were restored to their state before training")
 
 
 def _rms(t: Tensor) -> float:
@@ -326,28 +416,49 @@ def _checkpoint(model, opt, sites, ckpt: str, step: int, losses: list[float]) ->
     os.replace(tmp, os.path.join(ckpt, "state.json"))
 
 
+def _corrupt(path: str, ckpt: str, err: BaseException) -> ValueError:
+    return ValueError(f"calibrate: checkpoint file {path!r} is corrupt or does not match the "
+                      f"model's indexers ({type(err).__name__}: {err}); delete the folder "
+                      f"{ckpt!r} (or pass another checkpoint_dir) to start over")
+
+
 def _resume(model, sites, opt, ckpt: str) -> tuple[int, list[float]]:
     from safetensors.torch import load_file
 
-    with open(os.path.join(ckpt, "state.json")) as f:
-        state = json.load(f)
+    # Every file is read and checked before anything is changed.
+    state_path = os.path.join(ckpt, "state.json")
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+        step, losses = state["step"], [float(x) for x in state["losses"]]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or \
+                len(losses) != step:
+            raise ValueError(f"step {step!r} with {len(losses)} losses")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError: ValueError
+        raise _corrupt(state_path, ckpt, err) from err
+    opt_path = os.path.join(ckpt, "optimizer.safetensors")
+    try:
+        saved = load_file(opt_path)  # safetensors raises its own error types
+        states = {}
+        for s, site in sites.items():
+            for n, p in site.indexer.named_parameters():
+                entry = {}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if f"{s}/{n}/{key}" in saved:
+                        entry[key] = saved[f"{s}/{n}/{key}"].view_as(p).to(p.device)
+                if entry and f"{s}/{n}/step" in saved:
+                    entry["step"] = torch.tensor(float(saved[f"{s}/{n}/step"][0]))
+                    states[p] = entry
+    except Exception as err:
+        raise _corrupt(opt_path, ckpt, err) from err
     loaded = load_indexers(model, os.path.join(ckpt, "indexers.safetensors"), sites=list(sites))
     for name, site in sites.items():
         # Keep the indexer objects the optimiser holds; take the saved values into them.
         site.indexer.load_state_dict(loaded[name].state_dict())
         fqns, anchors = site_anchors(model, site.module, name)
         REGISTRY.register(name, fqns, anchors, site.indexer)
-    saved = load_file(os.path.join(ckpt, "optimizer.safetensors"))
-    for s, site in sites.items():
-        for n, p in site.indexer.named_parameters():
-            entry = {}
-            for key in ("exp_avg", "exp_avg_sq"):
-                if f"{s}/{n}/{key}" in saved:
-                    entry[key] = saved[f"{s}/{n}/{key}"].view_as(p).to(p.device)
-            if entry and f"{s}/{n}/step" in saved:
-                entry["step"] = torch.tensor(float(saved[f"{s}/{n}/step"][0]))
-                opt.state[p] = entry
-    return int(state["step"]), list(state["losses"])
+    opt.state.update(states)
+    return step, losses
 
 
 # --------------------------------------------------------------------------- persistence
@@ -359,14 +470,17 @@ def save_indexers(model: nn.Module, path: str | os.PathLike,
 
     Args:
         model: the model whose parameters anchor the indexers (see REGISTRY).
-        path: destination file.
+        path: destination file, replaced atomically (a symlink is followed: its target is
+            written).
         sites: site names to save (default: every registered site of the model).
 
-    Returns the saved site names. Raises ValueError when the model has no indexers or
-    a named site has none.
+    Returns the saved site names. Raises ValueError when the model has no indexers, a
+    named site has none, an indexer holds NaN / inf weights, or ``path`` is a directory
+    or special file (device, FIFO) or its folder does not exist (checked first).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    target = destination(path, "save_indexers")
     found = REGISTRY.sites_of(model)
     names = list(sites) if sites is not None else sorted(found)
     if not names:
@@ -379,6 +493,11 @@ def save_indexers(model: nn.Module, path: str | os.PathLike,
             raise ValueError(f"save_indexers: site {name!r} has no registered indexer "
                              f"(the model's sites: {sorted(found)})")
         ix, fqns = found[name]
+        bad = non_finite_parameters(ix)
+        if bad:
+            raise ValueError(f"save_indexers: the indexer of site {name!r} has NaN or inf "
+                             f"weights {bad} (a diverged calibration?); re-fit or re-calibrate "
+                             f"it (e.g. with a smaller lr) before saving")
         meta[name] = {
             # FQNs relative to ``model``, whatever module the indexer was compiled through.
             "anchors": {f: list(shapes[f]) for f in fqns},
@@ -387,8 +506,9 @@ def save_indexers(model: nn.Module, path: str | os.PathLike,
         }
         for p in _PARAMS:
             tensors[f"{name}/{p}"] = getattr(ix, p).detach().to("cpu", copy=True).contiguous()
-    save_file(tensors, os.fspath(path),
-              metadata={"format": FORMAT, "version": VERSION, "sites": json.dumps(meta)})
+    data = save(tensors, metadata={"format": FORMAT, "version": VERSION,
+                                   "sites": json.dumps(meta)})
+    write_atomic(target, data, "save_indexers")
     return names
 
 
@@ -403,8 +523,9 @@ def load_indexers(model: nn.Module, path: str | os.PathLike,
             indexer registered for this model); each must be in the file.
 
     Returns {site: Indexer}. Raises ValueError naming the file and the site when the file
-    is corrupt or not an indexer file, a site's anchor is missing from the model or has
-    another shape (a file for another model), or a needed site or tensor is missing.
+    is corrupt or not an indexer file, a tensor holds NaN / inf, a site's anchor is
+    missing from the model or has another shape (a file for another model), or a needed
+    site or tensor is missing.
     """
     from safetensors import safe_open
 
@@ -460,6 +581,10 @@ def load_indexers(model: nn.Module, path: str | os.PathLike,
                     raise ValueError(f"load_indexers: site {name!r}: tensor {key!r} has shape "
                                      f"{tuple(tensors[key].shape)}, expected "
                                      f"{tuple(getattr(ix, p).shape)}")
+                if not bool(torch.isfinite(tensors[key]).all()):
+                    raise ValueError(f"load_indexers: site {name!r}: tensor {key!r} in "
+                                     f"{path!r} holds NaN or inf values (saved from a diverged "
+                                     f"calibration?); re-calibrate and save it again")
                 getattr(ix, p).copy_(tensors[key])
         ix.fitted = True
         ix.to(anchors[0].device)
@@ -471,7 +596,7 @@ def kl_on(model: nn.Module, batches: Iterable, config: DSAConfig | None = None) 
     """Mean indexer KL over every site and every query row seeing > top_k keys
     (held-out evaluation of calibration)."""
     config = config or DSAConfig()
-    sites, _ = capture_sites(model, batches, config)
+    sites, _ = capture_sites(model, batches, config, caller="kl_on")
     total, count = 0.0, 0
     with torch.no_grad():
         for site in sites.values():

@@ -108,13 +108,15 @@ def selection_recall(model: nn.Module, batches: Iterable, config: DSAConfig | No
         max_queries: query rows per site and batch that are scored (evenly spaced over
             the queries that see more than top_k keys).
 
-    Returns a :class:`RecallReport` (sites in call order). Raises ValueError when no
-    batch is long enough for any query to see more than top_k keys.
+    Returns a :class:`RecallReport` (sites in call order). Raises ValueError when
+    ``batches`` is empty, the model makes no attention call DSA can take, a site's
+    activations hold NaN / inf, or no batch is long enough for any query to see more
+    than top_k keys.
     """
     from dsa_compile.calibration import capture_sites
 
     config = config or DSAConfig()
-    sites, _ = capture_sites(model, batches, config)
+    sites, _ = capture_sites(model, batches, config, caller="selection_recall")
     layers = []
     for name, site in sites.items():
         masses, hits, count = 0.0, 0.0, 0

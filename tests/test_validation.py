@@ -54,3 +54,271 @@ def test_check_same_device_groups_names_both_groups():
         check_same_device_groups("attention", {"q": cpu, "k": cpu}, {"q_idx": meta, "w": meta})
     with pytest.raises(ValueError, match="w is on meta but q_idx is on cpu"):
         check_same_device_groups("attention", {"q": cpu}, {"q_idx": cpu, "w": meta})
+
+
+# --------------------------------------------------------------------------------------
+# calibrate, selection_recall, save / load (findings 3, 4, 13)
+# --------------------------------------------------------------------------------------
+
+CFG = DSAConfig(top_k=4)
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def token_batches(n=2, length=24):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 50, (1, length), generator=g) for _ in range(n)]
+
+
+def indexer_state(model):
+    from dsa_compile.indexer import REGISTRY
+
+    return {name: {n: p.detach().clone() for n, p in ix.named_parameters()}
+            for name, ix in REGISTRY.indexers_of(model).items()}
+
+
+@pytest.mark.parametrize(("arg", "value"), [
+    ("lr", -1.0), ("lr", 0.0), ("lr", float("nan")), ("lr", float("inf")), ("lr", True),
+    ("rows_per_step", 0), ("rows_per_step", 2.5), ("checkpoint_every", 0), ("steps", -1),
+    ("steps", 1.5), ("recall_weight", float("nan")), ("head_max", float("nan")),
+    ("seed", "zero"), ("config", {"top_k": 4}),
+])
+def test_calibrate_rejects_bad_argument_before_any_work(arg, value, monkeypatch):
+    import dsa_compile.calibration as calibration
+
+    monkeypatch.setattr(calibration, "capture_sites", None)  # must not be reached
+    with pytest.raises(ValueError, match=rf"calibrate: {arg} must be"):
+        calibration.calibrate(tiny_llama(), token_batches(), **{"config": CFG, arg: value},
+                              progress=False)
+
+
+def test_empty_batches_say_so():
+    from dsa_compile.calibration import calibrate, fit_indexers
+    from dsa_compile.metrics import selection_recall
+
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="calibrate: batches is empty"):
+        calibrate(model, [], CFG, progress=False)
+    with pytest.raises(ValueError, match="selection_recall: batches is empty"):
+        selection_recall(model, [], CFG)
+    with pytest.raises(ValueError, match="fit_indexers: batches is empty"):
+        fit_indexers(model, iter([]), CFG)
+
+
+def test_nan_model_weight_is_reported_not_an_eigh_error():
+    from dsa_compile.calibration import calibrate
+    from dsa_compile.metrics import selection_recall
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' .* "
+                                         r"holds NaN or inf"):
+        calibrate(model, token_batches(), CFG, steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"selection_recall: batch 0: the attention k of site "
+                                         r"'model\.layers\.0\.self_attn' holds NaN or inf"):
+        selection_recall(model, token_batches(), CFG)
+
+
+def test_indexer_fit_refuses_non_finite_activations():
+    from dsa_compile.indexer import Indexer
+
+    ix = Indexer(4, 2, 8)
+    before = {n: p.detach().clone() for n, p in ix.named_parameters()}
+    q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8)
+    k[0, 1, 3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"Indexer\.fit: the site's k .* holds NaN or inf"):
+        ix.fit(q, k)
+    assert not ix.fitted
+    assert all(torch.equal(p, before[n]) for n, p in ix.named_parameters())
+
+
+def _diverge_at(monkeypatch, call: int, how: str):
+    """Make calibrate's loss (how="loss") or gradient (how="grad") NaN from the call-th
+    indexer_kl call on."""
+    import dsa_compile.calibration as calibration
+
+    real, calls = calibration.indexer_kl, []
+
+    def kl(indexer, *args, **kwargs):
+        loss = real(indexer, *args, **kwargs)
+        calls.append(1)
+        if len(calls) < call:
+            return loss
+        poison = indexer.wq.sum() * float("nan")
+        if how == "loss":
+            return loss + poison
+        return torch.where(torch.tensor(True), loss, poison)  # finite loss, NaN gradient
+
+    monkeypatch.setattr(calibration, "indexer_kl", kl)
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("loss", r"step 2: the loss of site 'model\.layers\.0\.self_attn' is nan"),
+    ("grad", r"step 2 made the weights \['wq'\] of site 'model\.layers\.0\.self_attn' "
+             r"non-finite"),
+])
+def test_calibrate_stops_on_divergence_and_restores_indexers(monkeypatch, tmp_path, how,
+                                                             message):
+    from dsa_compile.calibration import calibrate, save_indexers
+    from dsa_compile.indexer import REGISTRY
+
+    model = tiny_llama()
+    calibrate(model, token_batches(), CFG, steps=0, progress=False)  # fits the indexers
+    before = indexer_state(model)
+    _diverge_at(monkeypatch, 2, how)
+    with pytest.raises(ValueError, match=rf"training diverged: {message} \(lr=0\.01\); lower "
+                                         r"lr .* restored"):
+        calibrate(model, token_batches(), CFG, steps=5, progress=False)
+    after = indexer_state(model)
+    assert all(torch.equal(after[s][n], before[s][n]) for s in before for n in before[s])
+    assert all(not p.requires_grad for ix in REGISTRY.indexers_of(model).values()
+               for p in ix.parameters())
+    save_indexers(model, tmp_path / "ok.safetensors")  # still finite, so it saves
+
+
+def test_save_and_load_refuse_nan_indexers(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dsa_compile.calibration import calibrate, load_indexers, save_indexers
+    from dsa_compile.indexer import REGISTRY
+
+    model = tiny_llama()
+    calibrate(model, token_batches(), CFG, steps=0, progress=False)
+    good = tmp_path / "good.safetensors"
+    save_indexers(model, good)
+    (ix,) = REGISTRY.indexers_of(model).values()
+    with torch.no_grad():
+        ix.bw[0] = float("nan")
+    with pytest.raises(ValueError, match=r"save_indexers: the indexer of site "
+                                         r"'model\.layers\.0\.self_attn' has NaN or inf "
+                                         r"weights \['bw'\]"):
+        save_indexers(model, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+    with safe_open(good, framework="pt") as f:  # a file whose values were corrupted
+        meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    tensors["model.layers.0.self_attn/wq"][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.self_attn/wq' in .*"
+                                         r"nan\.safetensors' holds NaN or inf"):
+        load_indexers(model, tmp_path / "nan.safetensors")
+    load_indexers(model, good)
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path):
+    from dsa_compile.calibration import calibrate
+
+    (tmp_path / "ckpt").write_text("")
+    with pytest.raises(ValueError, match="checkpoint_dir .*ckpt' exists and is not a folder"):
+        calibrate(tiny_llama(), token_batches(), CFG, steps=1, checkpoint_dir=tmp_path / "ckpt",
+                  progress=False)
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("state.json", b"{not json"), ("state.json", b'{"step": 2}'),
+    ("state.json", b'{"step": "2", "losses": [1.0, 2.0]}'),
+    ("optimizer.safetensors", b"\x00junk"),
+])
+def test_corrupt_checkpoint_names_the_file(tmp_path, name, content):
+    from dsa_compile.calibration import calibrate
+
+    model = tiny_llama()
+    calibrate(model, token_batches(), CFG, steps=2, checkpoint_dir=tmp_path, checkpoint_every=1,
+              progress=False)
+    before = indexer_state(model)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"calibrate: checkpoint file .*{name}' is corrupt.*"
+                                         rf"delete the folder"):
+        calibrate(model, token_batches(), CFG, steps=3, checkpoint_dir=tmp_path,
+                  progress=False)
+    after = indexer_state(model)
+    assert all(torch.equal(after[s][n], before[s][n]) for s in before for n in before[s])
+
+
+# --------------------------------------------------------------------------------------
+# Indexer registry: another indexer shape for a site that has one (finding 7)
+# --------------------------------------------------------------------------------------
+
+
+def test_registry_refuses_another_shape_until_reset():
+    from dsa_compile.indexer import REGISTRY, reset_indexers
+
+    lin = torch.nn.Linear(4, 4)
+    anchors = (["weight", "bias"], [lin.weight, lin.bias])
+    ix = REGISTRY.get_or_create("attn", *anchors, 4, 2, 8, DSAConfig(index_heads=2, index_dim=6))
+    # None means "the default", which must match any registered shape.
+    assert REGISTRY.get_or_create("attn", *anchors, 4, 2, 8, DSAConfig()) is ix
+    assert REGISTRY.get_or_create("attn", *anchors, 4, 2, 8, DSAConfig(index_dim=6)) is ix
+    with pytest.raises(ValueError, match=r"site 'attn' already has an indexer of shape H_I x "
+                                         r"d_I = 2 x 6, but the config asks for 2 x 9.*"
+                                         r"reset_indexers\(model\)"):
+        REGISTRY.get_or_create("attn", *anchors, 4, 2, 8, DSAConfig(index_dim=9))
+    assert reset_indexers(lin) == ["attn"] and REGISTRY.lookup([lin.weight]) is None
+    new = REGISTRY.get_or_create("attn", *anchors, 4, 2, 8, DSAConfig(index_dim=9))
+    assert new is not ix and (new.index_heads, new.index_dim) == (2, 9)
+    assert reset_indexers(torch.nn.Linear(2, 2)) == []
+
+
+def test_calibrate_with_another_indexer_shape_raises():
+    from dsa_compile.calibration import calibrate
+
+    model = tiny_llama()
+    calibrate(model, token_batches(), CFG, steps=0, progress=False)
+    with pytest.raises(ValueError, match="already has an indexer of shape H_I x d_I = 2 x 4"):
+        calibrate(model, token_batches(), DSAConfig(top_k=4, index_dim=6), steps=0,
+                  progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# Output files: symlinks, special files, missing folders (findings 12, 13)
+# --------------------------------------------------------------------------------------
+
+
+def test_write_atomic_follows_symlinks_and_refuses_special_files(tmp_path):
+    import os
+
+    from dsa_compile.files import write_atomic
+
+    target = tmp_path / "real.bin"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    assert write_atomic(link, b"new", "save") == str(target)
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o640)  # permissions kept
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), ("/dev/null", "a character device"),
+                       (tmp_path, "a directory")):
+        with pytest.raises(ValueError, match=rf"save: '.*' is {kind}, not a regular file"):
+            write_atomic(path, b"x", "save")
+    assert fifo.exists() and not fifo.is_file()
+    with pytest.raises(ValueError, match=r"save: the folder '.*missing' of .* does not exist"):
+        write_atomic(tmp_path / "missing" / "f.bin", b"x", "save")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.bin", "real.bin"]
+
+
+def test_save_indexers_writes_through_a_symlink_and_refuses_a_device(tmp_path):
+    from dsa_compile.calibration import calibrate, load_indexers, save_indexers
+
+    model = tiny_llama()
+    calibrate(model, token_batches(), CFG, steps=0, progress=False)
+    target = tmp_path / "indexers.safetensors"
+    target.write_bytes(b"")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    save_indexers(model, link)
+    assert link.is_symlink() and target.stat().st_size > 0
+    load_indexers(model, link)
+    with pytest.raises(ValueError, match=r"save_indexers: '/dev/null' is a character device"):
+        save_indexers(model, "/dev/null")
