@@ -322,3 +322,173 @@ def test_save_indexers_writes_through_a_symlink_and_refuses_a_device(tmp_path):
     load_indexers(model, link)
     with pytest.raises(ValueError, match=r"save_indexers: '/dev/null' is a character device"):
         save_indexers(model, "/dev/null")
+
+
+# --------------------------------------------------------------------------------------
+# ONNX: structural verification at load, destination checked before export (finding 12)
+# --------------------------------------------------------------------------------------
+
+
+def _ours(op="Attention", **attrs):
+    """A one-node dsa model finished as export finishes it (markers, hash, full check)."""
+    from dsa_compile.onnx import functions
+    from dsa_compile.onnx.export import finish_model
+
+    attrs = {"top_k": 4, "scale": 0.125, **attrs} if op != "SparseAttention" else \
+        {"scale": 0.125, **attrs}
+    if op == "IndexerTopK":
+        del attrs["scale"]
+    model = functions.op_model(op, **attrs)
+    ranks = {"k_idx": 3, "w": 3, "lse": 3, "indices": 4 if op == "SparseAttention" else 3}
+    for value in [*model.graph.input, *model.graph.output]:  # the checker wants ranks
+        dims = value.type.tensor_type.shape.dim
+        for i in range(ranks.get(value.name, 4)):
+            dims.add().dim_param = f"{value.name}_{i}"
+    return finish_model(model, None)
+
+
+def _fake_markers(model):
+    """What a foreign file can copy: our producer, metadata and opset."""
+    import onnx
+
+    from dsa_compile.onnx import functions
+    from dsa_compile.onnx.export import META_VERSION, PRODUCER
+
+    model.producer_name = PRODUCER
+    onnx.helper.set_model_props(model, {META_VERSION: "0.1.0"})
+    model.opset_import.append(onnx.helper.make_opsetid(functions.DOMAIN, functions.VERSION))
+    return model
+
+
+def test_verify_accepts_our_one_node_models():
+    import dsa_compile.onnx as dsa_onnx
+
+    for op in ("Attention", "IndexerTopK", "SparseAttention"):
+        assert dsa_onnx.verify(_ours(op))["dsa_nodes"] == {op: 1}
+
+
+def test_verify_refuses_a_foreign_model_with_our_markers(tmp_path):
+    import onnx
+
+    import dsa_compile.onnx as dsa_onnx
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(_fake_markers(onnx.helper.make_model(graph)), path)
+    with pytest.raises(ValueError, match="foreign.onnx' has no dsa node"):
+        dsa_onnx.load_session(path)
+
+
+def test_verify_refuses_a_forged_function_body():
+    import onnx
+
+    import dsa_compile.onnx as dsa_onnx
+    from dsa_compile.onnx.export import functions_digest
+
+    model = _ours("SparseAttention")
+    body = model.functions[0]  # someone else's computation under our op's name
+    del body.node[:]
+    body.node.extend([onnx.helper.make_node("Identity", ["q"], ["out"]),
+                      onnx.helper.make_node("ReduceMax", ["q"], ["lse"], keepdims=0)])
+    with pytest.raises(ValueError, match=r"function dsa\.SparseAttention is not the body this "
+                                         r"dsa_compile writes"):
+        dsa_onnx.verify(model)
+    # A consistent hash does not help a forged body; a missing or stale hash fails too.
+    _set_hash(model, functions_digest(model))
+    with pytest.raises(ValueError, match="is not the body"):
+        dsa_onnx.verify(model)
+    for digest, message in ((None, "carries no 'dsa_compile.functions_sha256' content check"),
+                            ("0" * 64, "do not match the hash recorded at export")):
+        model = _ours("SparseAttention")
+        _set_hash(model, digest)
+        with pytest.raises(ValueError, match=message):
+            dsa_onnx.verify(model)
+
+
+def _set_hash(model, digest):
+    from dsa_compile.onnx.export import META_FUNCTIONS
+
+    for prop in list(model.metadata_props):
+        if prop.key == META_FUNCTIONS:
+            model.metadata_props.remove(prop)
+    if digest is not None:
+        model.metadata_props.add(key=META_FUNCTIONS, value=digest)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ("top_k=0", r"has top_k = 0, which must be >= 1"),
+    ("causal=2", r"has causal = 2, which must be 0 or 1"),
+    ("scale=nan", r"has scale = nan, which must be finite"),
+    ("softcap=-1", r"has softcap = -1.0, which must be finite and >= 0"),
+    ("query_chunk=0", r"has query_chunk = 0"),
+    ("drop:top_k", r"lacks the required attribute 'top_k'"),
+    ("extra:window", r"unknown attributes \['window'\]"),
+    ("int-scale", r"attribute 'scale' of type INT"),
+    ("drop-input", r"has 5 inputs; dsa\.Attention takes 6 to 7"),
+    ("op:Attention2", r"Attention2\) is not a dsa op"),
+])
+def test_verify_checks_dsa_node_attributes_and_arity(edit, message):
+    import onnx
+
+    import dsa_compile.onnx as dsa_onnx
+
+    model = _ours("Attention")
+    node = model.graph.node[0]
+    attrs = {a.name: a for a in node.attribute}
+    if edit.startswith("drop:"):
+        node.attribute.remove(attrs[edit[5:]])
+    elif edit.startswith("extra:"):
+        node.attribute.append(onnx.helper.make_attribute(edit[6:], 3))
+    elif edit == "int-scale":
+        attrs["scale"].CopyFrom(onnx.helper.make_attribute("scale", 1))
+    elif edit == "drop-input":
+        del node.input[-1]
+    elif edit.startswith("op:"):
+        node.op_type = edit[3:]
+    else:
+        name, value = edit.split("=")
+        if name in attrs:
+            node.attribute.remove(attrs[name])
+        node.attribute.append(onnx.helper.make_attribute(
+            name, float(value) if name in ("scale", "softcap") else int(value)))
+    with pytest.raises(ValueError, match=r"verify: 'model': node .*\(dsa\..*" + message):
+        dsa_onnx.verify(model)
+
+
+def test_export_checks_the_destination_before_exporting(tmp_path, monkeypatch):
+    import importlib
+
+    import dsa_compile.onnx as dsa_onnx
+
+    # The package re-exports the function `export`, which shadows the module attribute.
+    export_module = importlib.import_module("dsa_compile.onnx.export")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the export started")
+
+    monkeypatch.setattr(export_module, "to_dsa_program", never)
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"export: the folder '.*no_such_dir' .* does not exist"):
+        dsa_onnx.export(model, (torch.randn(2, 4),), tmp_path / "no_such_dir" / "m.onnx")
+    with pytest.raises(ValueError, match=r"export: '/dev/null' is a character device"):
+        dsa_onnx.export(model, (torch.randn(2, 4),), "/dev/null")
+    with pytest.raises(ValueError, match=r"export: '.*' is a directory"):
+        dsa_onnx.export(model, (torch.randn(2, 4),), tmp_path)
+
+
+def test_save_atomic_writes_through_a_symlink(tmp_path):
+    import onnx
+
+    from dsa_compile.onnx.export import save_atomic
+
+    target = tmp_path / "real.onnx"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target)
+    model = _ours("SparseAttention")
+    save_atomic(model, link)
+    assert link.is_symlink() and onnx.load(target) == model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "real.onnx"]

@@ -12,10 +12,10 @@ ONNX (opset 23). The file runs on a stock onnxruntime through the function bodie
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +27,7 @@ from onnxscript.values import Opset
 
 import dsa_compile
 from dsa_compile.config import DSAConfig
+from dsa_compile.files import destination, write_atomic
 from dsa_compile.onnx import functions
 from dsa_compile.onnx.schemas import register_schemas
 
@@ -35,6 +36,7 @@ PRODUCER = "dsa_compile"
 META_VERSION = "dsa_compile.version"
 META_CONFIG = "dsa_compile.config"
 META_REWRITE = "dsa_compile.rewrite"
+META_FUNCTIONS = "dsa_compile.functions_sha256"  # content check of the dsa function bodies
 IR_VERSION = 10  # the newest IR onnxruntime 1.2x/1.3x loads
 
 _DSA = Opset(functions.DOMAIN, functions.VERSION)
@@ -329,10 +331,20 @@ def to_dsa_program(model: torch.nn.Module, example_args: Sequence[Any],
     return program, how
 
 
+def functions_digest(model: onnx.ModelProto) -> str:
+    """sha256 (hex) of the model's ``dsa``-domain FunctionProtos, in (name, overload) order:
+    what :func:`finish_model` records as META_FUNCTIONS and verify recomputes."""
+    digest = hashlib.sha256()
+    for f in sorted((f for f in model.functions if f.domain == functions.DOMAIN),
+                    key=lambda f: (f.name, f.overload)):
+        digest.update(f.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
 def finish_model(model: onnx.ModelProto, config: DSAConfig | None,
                  rewrite: str = "model") -> onnx.ModelProto:
     """Set each dsa node's function overload, attach the function bodies it needs and our
-    markers, pin the IR version, full-check."""
+    markers (with the bodies' hash), pin the IR version, full-check."""
     register_schemas()
     needed = set()
     for node in model.graph.node:
@@ -349,7 +361,8 @@ def finish_model(model: onnx.ModelProto, config: DSAConfig | None,
     model.producer_name = PRODUCER
     model.producer_version = dsa_compile.__version__
     meta = {META_VERSION: dsa_compile.__version__, META_REWRITE: rewrite,
-            META_CONFIG: json.dumps(dataclasses.asdict(config) if config else None)}
+            META_CONFIG: json.dumps(dataclasses.asdict(config) if config else None),
+            META_FUNCTIONS: functions_digest(model)}
     for prop in list(model.metadata_props):
         if prop.key in meta:
             model.metadata_props.remove(prop)
@@ -359,21 +372,10 @@ def finish_model(model: onnx.ModelProto, config: DSAConfig | None,
 
 
 def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write ``model`` to a temp file in path's folder, then rename it over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dsa-onnx-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``model`` to a temp file in the folder of path's target (symlinks followed),
+    then rename it over the target; ValueError for a directory, device node or FIFO at
+    ``path`` or a missing folder (see :mod:`dsa_compile.files`)."""
+    write_atomic(path, lambda tmp: onnx.save_model(model, tmp), "export")
 
 
 def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.PathLike,
@@ -387,7 +389,8 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
         example_args: positional example inputs (tuple), e.g. ``(input_ids,)`` with
             input_ids int64 [B, L], or ``(input_ids, attention_mask)`` for a file that
             takes padded batches (the padding reaches the dsa nodes as their key_mask).
-        path: output file; replaced atomically, never left partial.
+        path: output file; replaced atomically, never left partial. A symlink is followed
+            (its target is replaced); it is checked before the export starts.
         config: DSAConfig (or options dict) for the rewrite; recorded in the file.
         dynamic: export every tensor dimension as dynamic where the model allows (one file
             serves any sequence length the model supports). torch.export fixes a size-1
@@ -401,11 +404,14 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
     Raises:
         ExportError: no dsa op after rewriting, or a node that cannot be exported (the
             message names it); ``path`` is untouched.
+        ValueError: ``path`` is a directory or special file (device, FIFO), or its folder
+            does not exist or is not writable (before any export work).
 
     Warns when ``dsa_compile.apply`` is missing or converts nothing and the export falls
     back to :class:`SDPAOverrideDSA` (recorded as "rewrite" in :func:`verify`'s report),
     and when an indexer that never saw data is exported.
     """
+    target = destination(path, "export")  # a bad path fails now, not after the export
     config = DSAConfig.from_options(config) if config is not None else None
     if query_chunk is not None and (not isinstance(query_chunk, int) or query_chunk <= 0):
         raise ValueError(f"query_chunk must be a positive int, got {query_chunk!r}")
@@ -432,5 +438,5 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
         model_proto = finish_model(onnx_program.model_proto, config, rewrite)
     finally:
         model.train(was_training)
-    save_atomic(model_proto, path)
+    save_atomic(model_proto, target)
     return model_proto
