@@ -597,8 +597,8 @@ def decode_combine_kernel(OP, LP, OUT, LSE, stride_ob, stride_oh, stride_ot, HQ,
     part = tl.load(OP + (row * SPLITS + offs_s[:, None]) * DV + offs_dv[None, :],
                    mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BS, BDV]
     out = tl.sum(part * wgt[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(OUT + b * stride_ob + h * stride_oh + t * stride_ot + offs_dv, out.to(OUT.dtype.element_ty),
-             mask=offs_dv < DV)
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + t * stride_ot + offs_dv
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
     tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)),
                                  float("-inf")))
 

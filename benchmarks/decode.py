@@ -1,0 +1,291 @@
+"""One DSA decode step per layer vs dense SDPA decode (issue 15).
+
+    python benchmarks/decode.py [--lengths 4096,...] [--batches 1,8,32] [--d-index 128]
+                                [--out DIR] [--tune]
+
+Shape: bf16, Hq=32, Hkv=8, D=128, top_k=2048, indexer H_I=8 x d_I (128, or 64), one
+query at position L-1 per sequence (the KV cache and the index-key cache hold L tokens).
+Methods, each captured in a CUDA graph and timed by event-timed replays (median of
+several batches), rotating over input sets so that the L2 cache cannot hold a small
+problem's inputs between steps:
+
+- dense:  F.scaled_dot_product_attention(q, k, v, enable_gqa=True), Lq=1 over the cache
+- naive:  einsum scores over the cached index keys, torch.topk, gather, SDPA
+- dsa:    dsa_compile.kernels.decode.decode_attention
+- stages of dsa: scores (+ level-1 histogram, with its memset), topk (a memset of the
+  level-2/3 histograms, 2 radix levels, count, write), attn+combine (split-K attention
+  and the log-sum-exp merge)
+
+Floors are bytes / the copy bandwidth measured in the same run (a large device-to-device
+copy, bytes read + written): dense = the K/V cache; dsa = the index keys + top_k rows
+of K and V per KV head. The correctness check of decode_attention against the reference
+runs first on a small shape; the script refuses to time anything if it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from dsa_compile import reference  # noqa: E402
+from dsa_compile.kernels import decode  # noqa: E402
+
+HQ, HKV, D, H_I, TOP_K = 32, 8, 128, 8, 2048
+DT = torch.bfloat16
+ROTATE_BYTES = 256 << 20  # input sets rotate until they span this many bytes
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy (read + write counted)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.int16, device="cuda").random_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * a.numel() * 2 / statistics.median(times)
+
+
+def graph_ms(fns, budget_s=0.25) -> float:
+    """Median time of one step (ms): each callable (one per input set) is captured in
+    its own CUDA graph; the graphs replay round-robin."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graphs = []
+    for f in fns:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            f()
+        graphs.append(g)
+    for g in graphs * 3:
+        g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for g in graphs:
+        g.replay()
+    torch.cuda.synchronize()
+    one = (time.perf_counter() - t0) / len(graphs)
+    reps = max(len(graphs), min(2000, int(budget_s / 5 / max(one, 1e-6))))
+    samples = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for i in range(reps):
+            graphs[i % len(graphs)].replay()
+        e.record()
+        e.synchronize()
+        samples.append(s.elapsed_time(e) / reps)
+    del graphs
+    return statistics.median(samples)
+
+
+def make_inputs(b, length, d_i):
+    return dict(
+        q=torch.randn(b, HQ, 1, D, device="cuda", dtype=DT),
+        k=torch.randn(b, HKV, length, D, device="cuda", dtype=DT),
+        v=torch.randn(b, HKV, length, D, device="cuda", dtype=DT),
+        q_idx=torch.randn(b, 1, H_I, d_i, device="cuda", dtype=DT),
+        k_idx=torch.randn(b, length, d_i, device="cuda", dtype=DT),
+        w=torch.rand(b, 1, H_I, device="cuda", dtype=DT),
+        q_pos=torch.full((b, 1), length - 1, dtype=torch.int32, device="cuda"),
+    )
+
+
+def dense_step(x):
+    return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], scale=D ** -0.5,
+                                          enable_gqa=True)
+
+
+def naive_step(x, top_k=TOP_K):
+    """The plain PyTorch DSA decode: scores over the cached index keys, topk, gather."""
+    dots = torch.einsum("bthd,bsd->bths", x["q_idx"], x["k_idx"]).float().relu_()
+    scores = torch.einsum("bths,bth->bts", dots, x["w"].float())  # [B, 1, L]
+    idx = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).indices[:, 0]  # [B, K]
+    b = idx.shape[0]
+    gather = idx[:, None, :, None].expand(b, HKV, idx.shape[-1], D)
+    kg = torch.gather(x["k"], 2, gather)
+    vg = torch.gather(x["v"], 2, gather)
+    return F.scaled_dot_product_attention(x["q"], kg, vg, scale=D ** -0.5, enable_gqa=True)
+
+
+def dsa_step(x, scratch, top_k=TOP_K):
+    return decode.decode_attention(x["q"], x["k"], x["v"], x["q_idx"], x["k_idx"], x["w"],
+                                   top_k, D ** -0.5, x["q_pos"], scratch=scratch)
+
+
+def stage_fns(x, s, top_k=TOP_K):
+    """The stages of dsa_step on its scratch ``s``, as separate callables."""
+    b = x["q"].shape[0]
+    idx = s.indices.view(b, 1, top_k)
+
+    def scores():
+        torch.clamp(x["q_pos"].reshape(-1) + 1, 0, x["k_idx"].shape[1], out=s.row_len)
+        s.topk.hist.zero_()
+        decode.decode_index_scores(x["q_idx"], x["k_idx"], x["w"], x["q_pos"],
+                                   hist=s.topk.hist, out=s.scores)
+
+    def topk():
+        s.topk.hist[:, 256:].zero_()  # levels 2 and 3 accumulate: clear them per replay
+        decode.decode_topk(s.scores, top_k, s.row_len, s.topk, hist_ready=True, out=idx)
+
+    def attn_and_combine():
+        decode.decode_sparse_attention(x["q"], x["k"], x["v"], s.indices, D ** -0.5,
+                                       scratch=s.attn)
+
+    return {"scores": scores, "topk": topk, "attn+combine": attn_and_combine}
+
+
+def check(d_i) -> bool:
+    """decode_attention vs the reference on a small shape (and top_k covering all keys
+    vs dense attention)."""
+    torch.manual_seed(0)
+    ok = True
+    for b, length, top_k in ((3, 6000, 2048), (2, 1500, 2048)):
+        x = make_inputs(b, length, d_i)
+        x["q_pos"] = torch.tensor([[length - 1 - 997 * i] for i in range(b)],
+                                  dtype=torch.int32, device="cuda")
+        out = dsa_step(x, None, top_k)
+        for i in range(b):
+            sl = slice(i, i + 1)
+            pos = int(x["q_pos"][i, 0])
+            idx = reference.indexer_topk(x["q_idx"][sl], x["k_idx"][sl], x["w"][sl], top_k, pos)
+            ref, _ = reference.sparse_attention(x["q"][sl], x["k"][sl], x["v"][sl],
+                                                idx[:, None], D ** -0.5)
+            if top_k >= pos + 1:
+                ref, _ = reference.dense_attention(x["q"][sl], x["k"][sl], x["v"][sl],
+                                                   D ** -0.5, True, pos)
+            err = float((out[i].float() - ref[0].float()).norm() / ref[0].float().norm())
+            good = err < 2e-2 and not out[i].isnan().any()
+            print(f"check B={b} L={length} seq {i} pos {pos}: rel err {err:.2e} "
+                  f"{'ok' if good else 'FAILED'}")
+            ok &= good
+    return ok
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="4096,8192,32768,65536,131072")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--d-index", type=int, default=128)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--tune", action="store_true", help="also time top-k segment sizes and "
+                   "attention splits at B=1 and 8, 128K")
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    d_i = a.d_index
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}, d_I={d_i}")
+    if not check(d_i):
+        print("correctness check FAILED: no timings reported")
+        sys.exit(1)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (2 GiB device-to-device, read + write)")
+    rows = []
+    header = (f"{'L':>7} {'B':>3} {'dense':>8} {'naive':>8} {'dsa':>8} {'floor_d':>8} "
+              f"{'floor_s':>8} {'dsa/dense':>9} {'naive/dense':>11} {'scores':>7} "
+              f"{'topk':>7} {'attn+c':>7}")
+    lines = []
+    for length in [int(s) for s in a.lengths.split(",")]:
+        for b in [int(s) for s in a.batches.split(",")]:
+            kv_bytes = 2 * b * HKV * length * D * 2
+            set_bytes = kv_bytes + b * length * d_i * 2
+            n_sets = max(1, min(8, math.ceil(ROTATE_BYTES / set_bytes)))
+            free, _ = torch.cuda.mem_get_info()
+            need = n_sets * set_bytes + 2 * b * H_I * length * 4 + (2 << 30)
+            if need > free:
+                msg = f"{length:>7} {b:>3} skipped: needs {need / 2**30:.1f} GiB, " \
+                      f"{free / 2**30:.1f} GiB free"
+                print(msg)
+                lines.append(msg)
+                continue
+            xs = [make_inputs(b, length, d_i) for _ in range(n_sets)]
+            scratches = [decode.DecodeScratch.allocate(x["q"], x["k"], x["v"], x["k_idx"],
+                                                       TOP_K) for x in xs]
+            t_dense = graph_ms([lambda x=x: dense_step(x) for x in xs])
+            t_naive = graph_ms([lambda x=x: naive_step(x) for x in xs])
+            t_dsa = graph_ms([lambda x=x, s=s: dsa_step(x, s) for x, s in zip(xs, scratches)])
+            stages = {}
+            fns = [stage_fns(x, s) for x, s in zip(xs, scratches)]
+            for name in fns[0]:
+                stages[name] = graph_ms([f[name] for f in fns])
+            floor_d = kv_bytes / bw * 1e3
+            dsa_bytes = b * length * d_i * 2 + 2 * b * HKV * min(TOP_K, length) * D * 2
+            floor_s = dsa_bytes / bw * 1e3
+            row = dict(L=length, B=b, d_index=d_i, dense_ms=t_dense, naive_ms=t_naive,
+                       dsa_ms=t_dsa, floor_dense_ms=floor_d, floor_dsa_ms=floor_s,
+                       dense_over_dsa=t_dense / t_dsa, dense_over_naive=t_dense / t_naive,
+                       **{f"{k}_ms": v for k, v in stages.items()}, input_sets=n_sets)
+            rows.append(row)
+            line = (f"{length:>7} {b:>3} {t_dense:8.4f} {t_naive:8.4f} {t_dsa:8.4f} "
+                    f"{floor_d:8.4f} {floor_s:8.4f} {t_dense / t_dsa:8.2f}x "
+                    f"{t_dense / t_naive:10.2f}x {stages['scores']:7.4f} {stages['topk']:7.4f} "
+                    f"{stages['attn+combine']:7.4f}")
+            print(line, flush=True)
+            lines.append(line)
+            if a.tune and length == max(int(s) for s in a.lengths.split(",")) and b in (1, 8):
+                tune(xs, scratches, b, length)
+            del xs, scratches, fns
+            torch.cuda.empty_cache()
+    print(f"\nms per step; dsa/dense = speed-up of the DSA step over dense SDPA decode; "
+          f"d_I={d_i}; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(header)
+    for line in lines:
+        print(line)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"decode_dI{d_i}.csv")
+    if rows:
+        with open(path, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+        print(f"wrote {path}")
+
+
+def tune(xs, scratches, b, length):
+    """Top-k segment sizes and attention splits, each stage alone (ms)."""
+    for seg in (512, 1024, 2048, 4096, 8192):
+        fns = []
+        for x, s in zip(xs, scratches):
+            ts = decode.TopkScratch.allocate(b, length, "cuda", seg=seg)
+            st = stage_fns(x, s)
+
+            def f(s=s, ts=ts, b=b):
+                ts.hist.zero_()
+                ts.hist[:, :256].copy_(s.topk.hist[:, :256])  # the score stage's level 1
+                decode.decode_topk(s.scores, TOP_K, s.row_len, ts, hist_ready=True,
+                                   out=s.indices.view(b, 1, TOP_K))
+            st["scores"]()
+            fns.append(f)
+        print(f"  tune B={b} L={length} topk seg {seg}: {graph_ms(fns):.4f} ms "
+              "(includes a memset and a copy)", flush=True)
+    for splits in (4, 8, 16, 32, 64):
+        fns = []
+        for x, s in zip(xs, scratches):
+            att = decode.AttentionScratch.allocate(b, HQ, 1, D, splits, "cuda")
+            fns.append(lambda x=x, s=s, att=att: decode.decode_sparse_attention(
+                x["q"], x["k"], x["v"], s.indices, D ** -0.5, scratch=att))
+        print(f"  tune B={b} L={length} attention splits {splits}: {graph_ms(fns):.4f} ms",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
