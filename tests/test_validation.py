@@ -492,3 +492,125 @@ def test_save_atomic_writes_through_a_symlink(tmp_path):
     save_atomic(model, link)
     assert link.is_symlink() and onnx.load(target) == model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "real.onnx"]
+
+
+# --------------------------------------------------------------------------------------
+# NaN scores never select nothing (finding 3)
+# --------------------------------------------------------------------------------------
+
+
+def test_select_topk_ranks_nan_as_the_lowest_finite_score():
+    from dsa_compile.reference import select_topk
+
+    inf, nan = float("inf"), float("nan")
+    scores = torch.tensor([[nan, nan, nan, nan],            # all NaN: still selects
+                           [nan, 2.0, -inf, 1.0],           # finite first, NaN next, -inf never
+                           [-inf, nan, -inf, -inf]])
+    assert select_topk(scores, 4).tolist() == [[0, 1, 2, 3], [0, 1, 3, -1], [1, -1, -1, -1]]
+    assert select_topk(scores, 2).tolist() == [[0, 1], [1, 3], [1, -1]]
+    assert select_topk(scores[1:2], 3).tolist() == [[0, 1, 3]]
+
+
+def test_nan_indexer_weight_does_not_zero_the_attention():
+    b, hq, hkv, length, d, top_k = 1, 2, 1, 6, 8, 8  # top_k covers every key
+    q, k, v = (torch.randn(b, h, length, d) for h in (hq, hkv, hkv))
+    q_idx, k_idx = torch.randn(b, length, 2, 4), torch.randn(b, length, 4)
+    w = torch.rand(b, length, 2)
+    w[0, 3, 0] = float("nan")  # query 3's scores are all NaN
+    idx = torch.ops.dsa.indexer_topk(q_idx, k_idx, w, top_k, 0, True, None)
+    assert idx[0, 3].tolist() == [0, 1, 2, 3, -1, -1, -1, -1]
+    out = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, top_k, d ** -0.5, True, 0, None,
+                                  0.0, 0)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# Repeated indices count once on every sparse_attention path (finding 9)
+# --------------------------------------------------------------------------------------
+
+DUPLICATES = [[3, 3, 7, -1], [0, 15, 15, 2], [5, 5, 5, 5], [9, -1, 9, 1]]
+DISTINCT = [[3, 7, -1, -1], [0, 15, 2, -1], [5, -1, -1, -1], [9, -1, -1, 1]]
+
+
+@pytest.mark.parametrize(("path", "grad"), [("fused", False), ("gemm", False), ("gemm", True),
+                                          ("gather", False), ("gather", True)])
+def test_sparse_attention_counts_a_repeated_key_once(monkeypatch, path, grad):
+    import importlib
+
+    sparse = importlib.import_module("dsa_compile.reference.sparse_attention")
+    # Force the path: each runs when the largest selected key is within its ratio x top_k.
+    monkeypatch.setattr(sparse, "FUSED_RATIO", 100 if path == "fused" else 0)
+    monkeypatch.setattr(sparse, "DENSE_GEMM_RATIO", 100 if path == "gemm" else 0)
+    ran = []
+    name = {"fused": "_chunk_fused", "gemm": "_chunk_dense", "gather": "_chunk_gathered"}[path]
+    real = getattr(sparse, name)
+    monkeypatch.setattr(sparse, name, lambda *a: ran.append(name) or real(*a))
+    q, k, v = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+
+    def run(rows):
+        leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+        idx = torch.tensor(rows, dtype=torch.int32)[None, None]
+        with torch.set_grad_enabled(grad):
+            out, lse = torch.ops.dsa.sparse_attention(*leaves, idx, 0.3)
+            grads = torch.autograd.grad(out.square().sum(), leaves) if grad else ()
+        return out, lse, grads
+
+    got, want = run(DUPLICATES), run(DISTINCT)
+    assert ran and set(ran) == {name}
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=0)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+def test_sparse_attention_paths_agree_on_repeats_by_shape():
+    from dsa_compile.reference.sparse_attention import FUSED_RATIO
+
+    top_k = 4
+    lk = FUSED_RATIO * top_k + 10
+    q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 1, lk, 8), torch.randn(1, 1, lk, 8)
+    near = torch.tensor([[[[1, 1, 2, -1], [0, 0, 0, 3]]]], dtype=torch.int32)  # fused path
+    far = near.clone()
+    far[0, 0, 1, 3] = lk - 1  # the same first row, reach past FUSED_RATIO x top_k: gather
+    out_near, _ = torch.ops.dsa.sparse_attention(q, k, v, near, 0.3)
+    out_far, _ = torch.ops.dsa.sparse_attention(q, k, v, far, 0.3)
+    torch.testing.assert_close(out_near[:, :, 0], out_far[:, :, 0], atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# Empty inputs (finding 10)
+# --------------------------------------------------------------------------------------
+
+
+def _indexer(lq, lk, b=2, h=2, d=4, grad=False):
+    return [t.requires_grad_(grad) for t in (torch.randn(b, lq, h, d), torch.randn(b, lk, d),
+                                             torch.rand(b, lq, h))]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_indexer_ops_with_no_queries_or_no_keys(causal):
+    scores = torch.ops.dsa.indexer_scores(*_indexer(0, 5), 0, causal, None)
+    assert scores.shape == (2, 0, 5)
+    leaves = _indexer(0, 5, grad=True)
+    torch.ops.dsa.indexer_scores(*leaves, 0, causal, None).sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in leaves)
+    assert torch.ops.dsa.indexer_scores(*_indexer(4, 0), 0, causal, None).shape == (2, 4, 0)
+    assert torch.ops.dsa.indexer_topk(*_indexer(0, 5), 3, 0, causal, None).shape == (2, 0, 3)
+    none = torch.ops.dsa.indexer_topk(*_indexer(4, 0), 3, 0, causal, None)
+    assert none.shape == (2, 4, 3) and (none == -1).all()
+
+
+def test_reference_attention_with_no_queries_or_no_keys():
+    from dsa_compile import reference
+
+    q, kv = torch.randn(1, 4, 0, 8), torch.randn(1, 2, 5, 8)
+    out, lse = reference.sparse_attention(q, kv, kv, torch.zeros(1, 1, 0, 3, dtype=torch.int32),
+                                          0.3)
+    assert out.shape == (1, 4, 0, 8) and lse.shape == (1, 4, 0)
+    assert reference.dense_attention(q, kv, kv, 0.3)[0].shape == (1, 4, 0, 8)
+    q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 0, 8)
+    out, lse = reference.sparse_attention(q, kv, kv, torch.full((1, 1, 3, 2), -1), 0.3)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out, lse = reference.dense_attention(q, kv, kv, 0.3, causal=False)
+    assert (out == 0).all() and torch.isneginf(lse).all()

@@ -4,8 +4,10 @@
 
 Query t sits at absolute position ``q_offset + t``; with ``causal`` it sees keys
 ``s <= q_offset + t``. ``key_mask[b, s] == False`` hides key s. Masked scores are -inf
-and are never selected. Everything is computed in float32 and chunked over queries,
-so memory is O(chunk * Lk), never O(Lq * Lk) for the selection.
+and are never selected; a NaN score of a visible key (a NaN indexer weight, say) ranks as
+the lowest finite score, so a query that sees keys always selects some. Everything is
+computed in float32 and chunked over queries, so memory is O(chunk * Lk), never
+O(Lq * Lk) for the selection.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def indexer_scores(
     lk = k_idx.shape[1]
     chunk = _query_chunk(b, h, lk)
     parts = []
-    for s in range(0, lq, chunk):
+    for s in range(0, max(lq, 1), chunk):  # Lq = 0: one empty chunk (torch.cat needs one)
         part = _chunk_scores(
             q_idx[:, s : s + chunk], k_idx, w[:, s : s + chunk], s, q_offset, causal, key_mask
         )
@@ -91,10 +93,18 @@ def select_topk(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
     The selected set is the top_k largest finite scores, ties broken by the smaller key
     index; within a row the indices are in ascending key order and unused slots (fewer
-    than top_k visible keys) are -1 at the end. (The CUDA path uses this too, on its
-    Triton-computed score chunks.)
+    than top_k visible keys) are -1 at the end. -inf hides a key; NaN counts as the
+    lowest finite score (selected after every finite one). Lk = 0 gives only -1. (The
+    CUDA path uses this too, on its Triton-computed score chunks.)
     """
     width = scores.shape[-1]
+    if width == 0:  # no key at all
+        return torch.full((*scores.shape[:-1], top_k), -1, dtype=torch.int32,
+                          device=scores.device)
+    # topk ranks NaN above everything and the -inf test below would then drop the slot:
+    # a NaN row would select no key at all. The Triton select maps NaN the same way.
+    scores = torch.nan_to_num(scores, nan=torch.finfo(scores.dtype).min, posinf=float("inf"),
+                              neginf=float("-inf"))
     k = min(top_k, width)
     vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
     kth = vals.min(dim=-1, keepdim=True).values

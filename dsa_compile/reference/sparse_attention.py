@@ -6,6 +6,8 @@ For query t of head h (KV head g = h // (Hq // Hkv)), with S_t the valid entries
     s_j  = scale * q[t] . k[j]          (then softcap * tanh(s_j / softcap) if softcap > 0)
     out  = sum_{j in S_t} softmax(s)_j v[j],     lse = logsumexp_{j in S_t} s_j
 
+A key listed twice in a row counts once, on every path (the op contract asks for distinct
+entries; the mask paths cannot count a key twice, so the gather path drops repeats).
 A query with no valid key gets out = 0 and lse = -inf. Chunked over queries: memory
 is O(chunk * top_k * D), never O(Lq * Lk).
 
@@ -49,6 +51,24 @@ def _chunk_scores(q, k, indices, scale, softcap):
     return s.masked_fill((indices < 0)[:, :, None], float("-inf"))
 
 
+def _drop_repeats(idx: torch.Tensor) -> torch.Tensor:
+    """idx [..., K] with every repeat of a key after its first slot set to -1."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if idx.shape[-1] < 2:
+        return idx
+    if not is_fake(idx):
+        # A valid entry can only repeat one before it if it does not exceed their maximum:
+        # ascending rows (indexer_topk's output) pass this O(K) test and are returned as is.
+        seen = torch.cummax(idx, dim=-1).values[..., :-1]
+        if not bool(((idx[..., 1:] >= 0) & (idx[..., 1:] <= seen)).any()):
+            return idx
+    ordered, slot = torch.sort(idx, dim=-1, stable=True)  # equal keys keep slot order
+    repeat = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    repeat = torch.cat([torch.zeros_like(repeat[..., :1]), repeat], dim=-1)
+    return idx.masked_fill(torch.zeros_like(repeat).scatter_(-1, slot, repeat), -1)
+
+
 def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
     """(out, lse) from masked scores ``s`` [..., keys] (-inf = not attended)."""
     lse = torch.logsumexp(s, dim=-1)
@@ -59,6 +79,7 @@ def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
 
 def _chunk_gathered(q, k, v, idx, scale, softcap):
     """q [B, Hkv, R, C, D], idx [B, G, C, K]: gather the K selected rows of k and v."""
+    idx = _drop_repeats(idx)  # the mask paths count a repeated key once; so must this one
     s = _chunk_scores(q, k, idx, scale, softcap)
     vg = _gather_rows(v, idx.clamp_min(0).long())
     return _softmax_out(s, vg, "bgrck,bgcke->bgrce")
@@ -136,7 +157,8 @@ def sparse_attention(
     Args:
         q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv]; Hq % Hkv == 0.
         indices: int [B, G, Lq, top_k] with G in {1, Hkv}; -1 marks an unused slot.
-            Valid entries of a row must be distinct and in [0, Lk).
+            Valid entries of a row must be in [0, Lk) and should be distinct; a key
+            listed twice counts once.
         scale: multiplier of q . k.
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
 
