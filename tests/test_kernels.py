@@ -163,6 +163,18 @@ def test_indexer_topk_ties_go_to_smaller_index():
     assert torch.equal(got, ref)
 
 
+def test_indexer_topk_nan_scores_select_like_the_reference():
+    # A NaN head weight makes a query's every score NaN, a NaN key one column NaN.
+    b, lq, lk, h, d, top_k = 1, 9, 40, 2, 16, 12
+    q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, h, d, torch.float32)
+    w[0, 2, 1] = float("nan")
+    k_idx[0, 5, 3] = float("nan")
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, 30, True, None)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, 30, True, None)
+    assert torch.equal(got, ref)
+    assert (got >= 0).all()  # every query sees >= top_k keys, NaN or not
+
+
 def test_indexer_topk_chunks_and_strided_inputs(monkeypatch):
     # A tiny chunk budget forces several query chunks of different widths.
     monkeypatch.setattr(indexer_module, "CHUNK_BYTES", 4 * 40)
@@ -187,6 +199,11 @@ def _select_case(name):
     elif name == "mostly-hidden":
         s = torch.randn(1, 6, 120, generator=g)
         s[:, :, ::3] = float("-inf")
+    elif name == "with-nan":  # NaN ranks as the lowest finite score; one row is all NaN
+        s = torch.randn(1, 6, 120, generator=g)
+        s[:, :, ::4] = float("nan")
+        s[:, :, 1::6] = float("-inf")
+        s[:, 2] = float("nan")
     else:  # "zeros-and-inf": +0 ties everywhere, one +inf
         s = torch.zeros(1, 3, 100)
         s[0, 0, 5] = float("inf")
@@ -195,7 +212,7 @@ def _select_case(name):
 
 @pytest.mark.parametrize("path", ["plain", "sampled"])
 @pytest.mark.parametrize("name", ["random", "integer-ties", "deep-digits", "mostly-hidden",
-                                  "zeros-and-inf"])
+                                  "with-nan", "zeros-and-inf"])
 @pytest.mark.parametrize(("top_k", "causal", "q_offset", "row0"),
                          [(37, False, 0, 0), (50, True, 90, 3), (90, True, 0, 0),
                           (40, True, 250, 0)])

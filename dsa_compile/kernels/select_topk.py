@@ -1,8 +1,9 @@
 """Exact top-k selection of score rows in Triton: radix select, no sort.
 
 Each program owns one row of a float32 score chunk [B, rows, width] (-inf = hidden key,
-never selected). Scores map to int32 keys whose signed order is the float order (the
-score kernel already turned -0.0 into +0.0). Histograms of 8-bit digits,
+never selected; NaN ranks as the lowest finite score, as in the reference, so a NaN
+indexer still selects keys). Scores map to int32 keys whose signed order is the float
+order (the score kernel already turned -0.0 into +0.0). Histograms of 8-bit digits,
 most significant first, narrow the k-th largest key down to a prefix P at bit `shift`:
 every key with key >> shift > P is selected, and `need` more come from the keys with
 key >> shift == P. A last pass compacts the survivors in key order, so the output is
@@ -38,6 +39,7 @@ from dsa_compile.kernels.common import INTERPRET
 # Sample pieces are this many keys wide; the sample aims at rank ~SAMPLE_RANK.
 SAMPLE = 256
 SAMPLE_RANK = 128
+FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)  # torch.finfo(torch.float32).min
 
 
 def _configs():
@@ -70,6 +72,7 @@ def _load_keys(src, stride, start, n, BLOCK: tl.constexpr, IS_KEYS: tl.constexpr
         live = inb
     else:
         x = tl.load(src + offs * stride, mask=inb, other=float("-inf"))
+        x = tl.where(x != x, FLOAT32_LOWEST, x)  # NaN: the lowest finite score
         key = _ordered_key(x)
         live = x > float("-inf")
     return key, live
@@ -231,7 +234,8 @@ def select_topk_rows(scores: torch.Tensor, out: torch.Tensor, row0: int, q_offse
     """Each row's top keys, written into ``out[:, row0 : row0 + rows]``.
 
     Args:
-        scores: float32 [B, rows, width]; -inf marks hidden keys (never selected). With
+        scores: float32 [B, rows, width]; -inf marks hidden keys (never selected), NaN
+            counts as the lowest finite score. With
             ``causal``, row i's keys past position row0 + i + q_offset must be -inf (they
             are not read).
         out: int32 [B, Lq, top_k] with its last dimension contiguous; rows row0 ..
