@@ -614,3 +614,30 @@ def test_reference_attention_with_no_queries_or_no_keys():
     assert (out == 0).all() and torch.isneginf(lse).all()
     out, lse = reference.dense_attention(q, kv, kv, 0.3, causal=False)
     assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_onnx_functions_rank_nan_scores_like_the_reference():
+    ort = pytest.importorskip("onnxruntime")
+    from dsa_compile.onnx import functions
+
+    b, hq, hkv, length, d, top_k = 1, 2, 1, 12, 8, 5
+    q_idx, k_idx, w = torch.randn(b, length, 2, 4), torch.randn(b, length, 4), torch.rand(b,
+                                                                                        length, 2)
+    w[0, 7, 1] = float("nan")  # every score of query 7
+    k_idx[0, 2, 0] = float("nan")  # key 2 for every query
+    q, k, v = (torch.randn(b, h, length, d) for h in (hq, hkv, hkv))
+
+    def run(op, inputs, **attrs):
+        model = functions.op_model(op, query_chunk=4, **attrs)
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
+
+    got = run("IndexerTopK", (q_idx, k_idx, w), top_k=top_k)
+    want = torch.ops.dsa.indexer_topk(q_idx, k_idx, w, top_k, 0, True, None)
+    assert (got == want.numpy()).all() and (got[0, 7] >= 0).all()
+    got = run("Attention", (q, k, v, q_idx, k_idx, w), top_k=top_k, scale=d ** -0.5)
+    want = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, top_k, d ** -0.5, True, 0, None,
+                                   0.0, 0)
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=0)

@@ -382,7 +382,10 @@ def _loop_body(b: _Body, chunk: str) -> tuple[_Body, str, str]:
 
 def _select(b: _Body, scores: str, top_k: str, lk_vis: str):
     """TopK of each row, in no particular order (ties go to the smaller key, as in the
-    reference): (values [B, C, K'], indices int64 [B, C, K'], valid bool [B, C, K'], K')."""
+    reference): (values [B, C, K'], indices int64 [B, C, K'], valid bool [B, C, K'], K').
+    A NaN score (a NaN indexer) ranks as the lowest finite one, as in the reference."""
+    lowest = b.const(np.finfo(np.float32).min, dtype=np.float32, hint="lowest")
+    scores = b.op("Where", b.op("IsNaN", scores), lowest, scores)
     kk = b.op("Min", top_k, lk_vis)
     vals, idx = b.op("TopK", scores, kk, outputs=2, axis=-1, largest=1, sorted=0)
     valid = b.op("Not", b.op("IsInf", vals, detect_positive=0))
