@@ -21,6 +21,7 @@ from torch import fx, nn
 from dsa_compile.config import DSAConfig
 from dsa_compile.passes import SiteRecord, run_passes
 from dsa_compile.passes.fit import fit_new_indexers
+from dsa_compile.passes.normalize import val
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class Report:
     """What the passes did: one :class:`SiteRecord` per attention site."""
 
     sites: list[SiteRecord]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def rewritten(self) -> list[SiteRecord]:
@@ -44,6 +46,7 @@ class Report:
         lines.insert(1, "  ".join("-" * w for w in widths))
         n = len(self.rewritten)
         lines.append(f"{n} of {len(self.sites)} attention sites rewritten to DSA")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -58,22 +61,88 @@ def _split_args(example_args):
     return tuple(example_args), {}
 
 
-def _capture(model, example_args) -> fx.GraphModule:
+def _uses_cache(model) -> bool:
+    """A Hugging Face model whose config turns the KV cache on by default."""
+    return bool(getattr(getattr(model, "config", None), "use_cache", False))
+
+
+_NO_CACHE_NOTE = ("captured without a KV cache (use_cache=False): an fx graph returns "
+                  "tensors, not cache objects; to generate with a cache, compile "
+                  "model.forward with backend='dsa' (README: Generation)")
+
+
+def _capture(model, example_args) -> tuple[fx.GraphModule, tuple, dict, list[str]]:
+    """(graph, args, kwargs, notes): one dynamo graph of ``model`` on the example inputs.
+
+    A Hugging Face model with its default ``use_cache=True`` would return a cache object,
+    which an fx graph cannot: it is captured with ``use_cache=False`` and a note (the
+    attention, and so the rewrite, is the same). A forward that raises on the example
+    inputs raises that error, not dynamo's.
+    """
+    args, kwargs = _split_args(example_args)
     if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
+        return model.module(), args, kwargs, []
     if isinstance(model, fx.GraphModule) and any(
             "example_value" in n.meta or "val" in n.meta for n in model.graph.nodes):
-        return model
+        return model, args, kwargs, []
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or ExportedProgram, got {type(model)}")
-    args, kwargs = _split_args(example_args)
+    notes = []
+    if _uses_cache(model) and "use_cache" not in kwargs:
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("apply/explain capture one forward without a KV cache; pass no "
+                             "past_key_values (to generate with a cache, compile "
+                             "model.forward with backend='dsa')")
+        kwargs = {**kwargs, "use_cache": False}
+        notes.append(_NO_CACHE_NOTE)
     # nn.MultiheadAttention / nn.TransformerEncoder warn about a bool key_padding_mask
     # next to a float attn_mask; let the warning move out of the graph instead of
     # breaking it (export needs one graph).
     logging = torch._dynamo.config.reorderable_logging_functions | {warnings.warn}
-    with torch.no_grad(), torch._dynamo.config.patch(reorderable_logging_functions=logging):
-        gm, _ = torch._dynamo.export(model)(*args, **kwargs)
-    return gm
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(reorderable_logging_functions=logging):
+            gm, _ = torch._dynamo.export(model)(*args, **kwargs)
+    except Exception as e:
+        with torch.no_grad():
+            model(*args, **kwargs)  # the model's own error, if its forward fails eagerly
+        raise RuntimeError(f"dsa: could not capture {type(model).__name__} as one graph "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                           "torch.compile(model, backend='dsa') handles graph breaks") from e
+    _guard_static_shapes(gm, args, kwargs)
+    if notes:  # the graph takes use_cache=False; calls without it get it
+        gm.register_forward_pre_hook(
+            lambda module, a, kw: (a, {"use_cache": False, **kw}), with_kwargs=True)
+    return gm, args, kwargs, notes
+
+
+def _guard_static_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Make ``gm`` say which input size the capture specialised (e.g. batch 1) when it is
+    called with another, instead of failing later in a reshape."""
+    leaves = [x for x in torch.utils._pytree.tree_leaves((args, kwargs))
+              if isinstance(x, torch.Tensor)]
+    values = [val(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [v for v in values if v is not None]
+    if len(values) != len(leaves):
+        return
+    fixed = [(i, tuple(x.shape), [d for d, s in enumerate(v.shape) if isinstance(s, int)])
+             for i, (x, v) in enumerate(zip(leaves, values))]
+
+    def check(module, call_args, call_kwargs):
+        now = [x for x in torch.utils._pytree.tree_leaves((call_args, call_kwargs))
+               if isinstance(x, torch.Tensor)]
+        if len(now) != len(leaves):
+            return
+        for i, shape, dims in fixed:
+            for d in dims:
+                if now[i].dim() != len(shape) or now[i].shape[d] != shape[d]:
+                    raise ValueError(
+                        f"dsa.apply captured input {i} with shape {list(shape)} and "
+                        f"specialised dim {d} to {shape[d]}; it was called with "
+                        f"{list(now[i].shape)}. Capture with example inputs of the size you "
+                        "run (a batch of 2 or more keeps the batch dynamic), or use "
+                        "torch.compile(model, backend='dsa', dynamic=True)")
+
+    gm.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def _params(gm: fx.GraphModule, model) -> dict:
@@ -116,14 +185,18 @@ def apply(model_or_graph_module, example_args, config: DSAConfig | None = None) 
         TypeError: the model is not a module or exported program.
     """
     config = DSAConfig.from_options(config)
-    gm = _capture(model_or_graph_module, example_args)
+    gm, args, kwargs, notes = _capture(model_or_graph_module, example_args)
     params = _params(gm, model_or_graph_module)
     records = run_passes(gm, config, params, lookup=_lookup(gm))
-    gm.dsa_report = Report(records)
+    gm.dsa_report = Report(records, notes)
     if any(r.rewritten for r in records):
-        args, kwargs = _split_args(example_args)
-        flat = [x for x in torch.utils._pytree.tree_leaves((args, kwargs))]
-        fit_new_indexers(gm, lambda: gm(*args, **kwargs), flat)
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+
+        def run(sub):
+            a, kw = torch.utils._pytree.tree_map(sub, (args, kwargs))
+            return gm(*a, **kw)
+
+        fit_new_indexers(gm, run, flat, aligned=False)
     return gm
 
 
@@ -133,6 +206,6 @@ def explain(model, example_args, config: DSAConfig | None = None) -> Report:
     Same arguments as :func:`apply`; the model is not changed.
     """
     config = DSAConfig.from_options(config)
-    gm = _capture(model, example_args)
+    gm, _, _, notes = _capture(model, example_args)
     params = _params(gm, model)
-    return Report(run_passes(gm, config, params, lookup=_lookup(gm), rewrite=False))
+    return Report(run_passes(gm, config, params, lookup=_lookup(gm), rewrite=False), notes)

@@ -141,7 +141,6 @@ def _idx_args():
         (lambda a: a.__setitem__(2, a[2][:, :, :2]), "w must be"),
         (lambda a: a.__setitem__(3, 0), "top_k must be > 0"),
         (lambda a: a.__setitem__(3, -3), "top_k must be > 0"),
-        (lambda a: a.__setitem__(4, -1), "q_offset must be >= 0"),
         (lambda a: a.__setitem__(0, a[0].to(torch.int64)), "q_idx has dtype"),
         (lambda a: a.__setitem__(6, torch.ones(2, 12, dtype=torch.bool)), "key_mask must be bool"),
         (lambda a: a.__setitem__(6, torch.ones(2, 13)), "key_mask has dtype"),

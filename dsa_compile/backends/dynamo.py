@@ -20,6 +20,7 @@ from dsa_compile.ops.dispatch import fp8_indexer
 from dsa_compile.passes import run_passes
 from dsa_compile.passes.detect import normalize_path
 from dsa_compile.passes.fit import fit_new_indexers, hint
+from dsa_compile.passes.masks import StateGuard
 
 LAST_RECORDS: list = []
 """Site records of the most recent graph this backend compiled (for tests and demos)."""
@@ -59,9 +60,11 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     config = DSAConfig.from_options(options)
     CALLS["count"] += 1
     dense = _copy(gm)
+    guard = None
     try:
         params, real = graph_params(gm, example_inputs)
-        LAST_RECORDS[:] = run_passes(gm, config, params, lookup=real.get)
+        guard = StateGuard(real.get)
+        LAST_RECORDS[:] = run_passes(gm, config, params, lookup=guard)
         if any(r.rewritten for r in LAST_RECORDS):
             if hasattr(gm, "_param_name_to_source"):
                 # The inserted indexers own parameters dynamo never saw; without this map
@@ -70,23 +73,46 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
             # With dynamic shapes sizes arrive as SymInts; their hints are the real sizes
             # (reading a hint adds no guard, so the compile stays dynamic).
             inputs = [hint(x) for x in example_inputs]
-            fit_new_indexers(gm, lambda: gm(*inputs), inputs)
+            fit_new_indexers(gm, lambda sub: gm(*map(sub, inputs)), inputs)
     except Exception as e:  # never break the user's model: fall back to the dense graph
-        warnings.warn(f"dsa: attention rewrite failed ({type(e).__name__}: {e}); "
-                      "compiling the dense graph", stacklevel=2)
-        gm = dense
+        _warn_dense(e)
+        gm, guard = dense, None
     from torch._inductor.compile_fx import compile_fx
 
-    compiled = compile_fx(gm, example_inputs)
-    if not config.index_fp8:
+    try:
+        compiled = compile_fx(gm, example_inputs)
+    except Exception as e:
+        if gm is dense or isinstance(e, torch._dynamo.exc.RestartAnalysis):
+            raise  # dynamo's own control flow (it recompiles), not a failure of ours
+        _warn_dense(e)
+        return compile_fx(dense, example_inputs)
+    guard = guard if guard is not None and guard.watching else None
+    if not config.index_fp8 and guard is None:
         return compiled
+    boxed = getattr(compiled, "_boxed_call", False)
+    fallback = []
 
-    def run_fp8(*args):
-        with fp8_indexer():
+    def run(*args):
+        if guard is not None and (fallback or guard.changed()):
+            if not fallback:
+                warnings.warn("dsa: a buffer the rewrite proved to be a causal mask was "
+                              "changed in place; this graph now runs its dense original "
+                              "(recompile to rewrite it again)", stacklevel=2)
+                fallback.append(dense)
+            # The dense fx graph takes its inputs positionally; a boxed call passes a list.
+            boxed_call = len(args) == 1 and isinstance(args[0], list)
+            return dense(*args[0]) if boxed_call else dense(*args)
+        with fp8_indexer(config.index_fp8):
             return compiled(*args)
 
-    run_fp8._boxed_call = getattr(compiled, "_boxed_call", False)  # same calling convention
-    return run_fp8
+    run._boxed_call = boxed  # same calling convention as the compiled graph
+    return run
+
+
+def _warn_dense(e: Exception) -> None:
+    warnings.warn(f"dsa: attention rewrite failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:300] if str(e) else ''}); compiling the dense graph",
+                  stacklevel=3)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

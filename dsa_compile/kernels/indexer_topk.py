@@ -163,6 +163,7 @@ def indexer_topk(
     causal: bool = True,
     key_mask: torch.Tensor | None = None,
     fp8: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each query's top_k keys by lightning-indexer score (Triton scores + chunked top-k).
 
@@ -174,6 +175,8 @@ def indexer_topk(
         fp8: score with float8 e4m3 q_I and k_I (per-row scales, as DeepSeek's indexer)
             on the FP8 tensor cores (Hopper and later). The selection is then exact for
             the dequantised inputs (:func:`quantize_fp8`), not for the original ones.
+        mask: optional bool [B or 1, Lq, Lk], True where query t may select key s (a
+            general mask, applied to each chunk's scores before selection).
 
     Returns:
         int32 [B, Lq, top_k]: selected keys ascending, -1 in unused slots, ties to the
@@ -199,11 +202,13 @@ def indexer_topk(
     chunk = max(128, CHUNK_BYTES // (4 * b * lk))
     for row0 in range(0, lq, chunk):
         rows = min(chunk, lq - row0)
-        width = min(lk, q_offset + row0 + rows) if causal else lk
+        width = max(0, min(lk, q_offset + row0 + rows)) if causal else lk
         if width == 0:
             out[:, row0 : row0 + rows] = -1
             continue
         scores = indexer_scores_chunk(q_idx, k_idx, w, row0, rows, width, q_offset, causal,
                                       key_mask, k_scale)
+        if mask is not None:
+            scores.masked_fill_(~mask[:, row0 : row0 + rows, :width], float("-inf"))
         select_topk_rows(scores, out, row0, q_offset, causal)
     return out

@@ -66,17 +66,19 @@ def _tanh(x):
 )
 @triton.jit
 def sparse_attention_fwd_kernel(
-    Q, K, V, IDX, OUT, LSE,
+    Q, K, V, IDX, BIAS, OUT, LSE,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ib, stride_ig, stride_it,
+    stride_bb, stride_bg, stride_bt,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh, stride_lt,
     HKV, TOPK, scale, softcap,
     R: tl.constexpr, BLOCK_R: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PER_HEAD_INDICES: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    PER_HEAD_INDICES: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -95,8 +97,10 @@ def sparse_attention_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BR, BD]
 
     idx_base = IDX + b * stride_ib + t * stride_it
+    bias_base = BIAS + b * stride_bb + t * stride_bt
     if PER_HEAD_INDICES:
         idx_base += g * stride_ig
+        bias_base += g * stride_bg
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
@@ -114,6 +118,8 @@ def sparse_attention_fwd_kernel(
         s = dot(q, kt, IEEE, UPCAST) * scale
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
+        if HAS_BIAS:  # the additive mask of each selected key, gathered per slot
+            s += tl.load(bias_base + offs_n, mask=offs_n < TOPK, other=0.0)[None, :]
         s = tl.where(valid[None, :], s * LOG2E, float("-inf"))  # [BR, BN], log2 units
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only -1 slots keeps m = -inf; subtract 0 there, not -inf.
@@ -143,6 +149,7 @@ def sparse_attention(
     indices: torch.Tensor,
     scale: float,
     softcap: float = 0.0,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over only its selected keys (Triton).
 
@@ -153,6 +160,7 @@ def sparse_attention(
             -1 slots are ignored; valid entries distinct and in [0, Lk).
         scale: multiplier of q . k.
         softcap: if > 0, logits become softcap * tanh(logits / softcap).
+        bias: optional float32 [B, G, Lq, top_k], added to the score of each slot's key.
 
     Returns:
         (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32). A query with no
@@ -170,19 +178,24 @@ def sparse_attention(
         if t.stride(-1) != 1:
             raise ValueError(f"sparse_attention: {name} must be contiguous in its last dimension")
     grid = (lq, b * hkv)
+    if bias is not None:
+        bias = bias.float().expand(indices.shape).contiguous()
+    bs = bias if bias is not None else indices  # any tensor: unused without HAS_BIAS
     sparse_attention_fwd_kernel[grid](
-        q, k, v, indices, out, lse,
+        q, k, v, indices, bs, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
+        bs.stride(0), bs.stride(1), bs.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         hkv, top_k, float(scale), float(softcap) if softcap > 0 else 1.0,
         R=r, BLOCK_R=max(16, triton.next_power_of_2(r)),
         D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-        PER_HEAD_INDICES=g > 1, SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32,
+        PER_HEAD_INDICES=g > 1, SOFTCAP=softcap > 0, HAS_BIAS=bias is not None,
+        IEEE=q.dtype == torch.float32,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
     )
     return out, lse

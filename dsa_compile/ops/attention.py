@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsa_compile import reference
-from dsa_compile.ops.checks import check, check_attention_args, check_indexer_args
+from dsa_compile.ops.checks import (
+    check,
+    check_attention_args,
+    check_general_masks,
+    check_indexer_args,
+    check_same_device,
+)
+from dsa_compile.reference.dense import MASKED_BIAS
 
 
 def dense_rows(lq: int, lk: int, top_k: int, q_offset: int, causal: bool, dense_below: int) -> int:
@@ -29,53 +36,120 @@ def dense_rows(lq: int, lk: int, top_k: int, q_offset: int, causal: bool, dense_
     return min(max(threshold - q_offset, 0), lq)
 
 
-def dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap) -> Tensor:
-    """Dense attention through SDPA (flash/efficient kernels where they apply)."""
+def dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap, mask=None,
+                    bias=None) -> Tensor:
+    """Dense attention through SDPA (flash/efficient kernels where they apply).
+
+    A query that sees no key gets zeros (SDPA may give NaN there), as the sparse path
+    does -- except under an additive ``bias``, where the model's own softmax over its
+    biased scores is reproduced (an all-``finfo.min`` row averages every key).
+    """
     if softcap > 0:
-        return reference.dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap)[0]
+        return reference.dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap,
+                                         mask, bias)[0]
     lq, lk = q.shape[2], k.shape[2]
     gqa = bool(q.shape[1] != k.shape[1])
-    if key_mask is None and (not causal or q_offset == lk - lq == 0):
+    general = mask is not None or bias is not None
+    if key_mask is None and not general and (not causal or q_offset == lk - lq == 0):
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa
         )
-    mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
-        mask = reference.indexer.visible_mask(lq, lk, q_offset, True, q.device)
-    mask = mask[None, None]
+        keep = reference.indexer.visible_mask(lq, lk, q_offset, True, q.device)
+    keep = keep[None, None]
     if key_mask is not None:
-        mask = mask & key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    # A query that sees no key gets zeros (SDPA gives NaN there), as the sparse path does.
-    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))
+        keep = keep & key_mask[:, None, None, :]
+    if mask is not None:
+        keep = keep & mask[:, None]
+    if bias is not None:
+        attn = bias[:, None].to(q.dtype).masked_fill(~keep, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale,
+                                              enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)
+    return torch.where(keep.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def _selectable(mask, bias):
+    """The general keep-mask the indexer applies: ``mask`` and the keys ``bias`` leaves
+    visible (above :data:`MASKED_BIAS`), [B or 1, Lq, Lk] bool, or None."""
+    if bias is None:
+        return mask
+    visible = bias > MASKED_BIAS
+    return visible if mask is None else visible & mask
+
+
+def _rows(t, rows, keys=None):
+    """``t[:, rows, :keys]`` for an optional general mask [B or 1, Lq, Lk]."""
+    return None if t is None else t[:, rows, :keys]
 
 
 def _attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask, softcap,
-               dense_below) -> Tensor:
-    lq, lk = q.shape[2], k.shape[2]
+               dense_below, mask=None, bias=None) -> Tensor:
+    b, _, lq, lk = *q.shape[:3], k.shape[2]
+    if lq == 0 or lk == 0:
+        return q.new_zeros((b, q.shape[1], lq, v.shape[-1]))
     n_dense = dense_rows(lq, lk, top_k, q_offset, causal, dense_below)
     parts = []
     if n_dense > 0:
-        keys = min(lk, q_offset + n_dense) if causal else lk
-        mask = key_mask[:, :keys] if key_mask is not None else None
-        parts.append(
-            dense_attention(q[:, :, :n_dense], k[:, :, :keys], v[:, :, :keys], scale, causal,
-                            q_offset, mask, softcap)
-        )
+        keys = min(lk, max(q_offset + n_dense, 0)) if causal else lk
+        rows = slice(0, n_dense)
+        parts.append(dense_attention(
+            q[:, :, rows], k[:, :, :keys], v[:, :, :keys], scale, causal, q_offset,
+            key_mask[:, :keys] if key_mask is not None else None, softcap,
+            _rows(mask, rows, keys), _rows(bias, rows, keys)))
     if n_dense < lq:
+        rows = slice(n_dense, lq)
+        m, bs = _rows(mask, rows), _rows(bias, rows)
         indices = torch.ops.dsa.indexer_topk(
-            q_idx[:, n_dense:], k_idx, w[:, n_dense:], top_k, q_offset + n_dense, causal, key_mask
-        )
+            q_idx[:, rows], k_idx, w[:, rows], top_k, q_offset + n_dense, causal, key_mask,
+            _selectable(m, bs))
+        slot_bias = None
+        if bs is not None:  # each selected key's bias, in its slot: [B, 1, Lq', top_k]
+            slot_bias = torch.gather(bs.expand(b, -1, -1).float(), 2,
+                                     indices.clamp_min(0).long()).unsqueeze(1)
         out, _ = torch.ops.dsa.sparse_attention(
-            q[:, :, n_dense:], k, v, indices.unsqueeze(1), scale, softcap
-        )
+            q[:, :, rows], k, v, indices.unsqueeze(1), scale, softcap, slot_bias)
+        if bs is not None:
+            out = _biased_empty_rows(out, indices, q[:, :, rows], k, v, scale, causal,
+                                     q_offset + n_dense, key_mask, softcap, m, bs)
         parts.append(out)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_below):
+def _biased_empty_rows(out, indices, q, k, v, scale, causal, q_offset, key_mask, softcap,
+                       mask, bias) -> Tensor:
+    """Rows whose every key the additive ``bias`` hides get what the dense model computes
+    for them (its softmax over the biased scores: an all-``finfo.min`` row averages every
+    key), not the sparse contract's zeros. Such rows are padding queries."""
+    empty = (indices < 0).all(-1)  # [B, Lq]
+    if not bool(empty.any()):
+        return out
+    out = out.clone()
+    for b in empty.any(-1).nonzero().flatten().tolist():
+        t = empty[b].nonzero().flatten()
+        one = slice(b, b + 1)
+
+        def pick(x, one=one, t=t):
+            return None if x is None else x[one if x.shape[0] > 1 else slice(0, 1), t]
+
+        vis = reference.indexer.visible_mask(q.shape[2], k.shape[2], q_offset, causal, q.device)
+        vis = None if vis is None else vis[t][None]  # rows t of the causal pattern
+        m = pick(mask)
+        m = vis if m is None else (m if vis is None else m & vis)
+        if key_mask is not None:
+            km = key_mask[one, None, :]
+            m = km.expand(1, t.numel(), -1) if m is None else m & km
+        out[one, :, t] = dense_attention(q[one, :, t], k[one], v[one], scale, False, 0, None,
+                                         softcap, m, pick(bias))
+    return out
+
+
+def _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_below, mask,
+           bias):
     check_attention_args("attention", q, k, v, softcap)
     check_indexer_args("attention", q_idx, k_idx, w, top_k, q_offset, key_mask)
+    check_same_device("attention", q=q, q_idx=q_idx)
     check(
         q_idx.shape[:2] == (q.shape[0], q.shape[2]) and k_idx.shape[1] == k.shape[2],
         "attention",
@@ -83,6 +157,7 @@ def _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_b
         f"q {tuple(q.shape)} / k {tuple(k.shape)} (need q_idx [B, Lq, ...], k_idx [B, Lk, ...])",
     )
     check(dense_below >= 0, "attention", f"dense_below must be >= 0, got {dense_below}")
+    check_general_masks("attention", q, k.shape[2], mask, bias)
 
 
 @torch.library.custom_op("dsa::attention", mutates_args=())
@@ -100,6 +175,8 @@ def attention(
     key_mask: Tensor | None = None,
     softcap: float = 0.0,
     dense_below: int = 0,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """DSA attention of one site: indexer top-k selection, then sparse attention.
 
@@ -107,44 +184,54 @@ def attention(
         q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv] (Hq % Hkv == 0).
         q_idx: [B, Lq, H_I, d_I]; k_idx: [B, Lk, d_I]; w: [B, Lq, H_I] (indexer inputs).
         top_k: keys per query (> 0). scale: multiplier of q . k.
-        causal, q_offset: query t sits at absolute position q_offset + t.
+        causal, q_offset: query t sits at absolute position q_offset + t (q_offset may be
+            negative: ``tril(diagonal=-1)`` masks).
         key_mask: optional bool [B, Lk], True where the key exists.
         softcap: logit soft-cap (0 = off).
         dense_below: queries with at most max(top_k, dense_below) visible keys use dense
             attention; 0 forces the sparse path everywhere.
+        mask: optional bool [B or 1, Lq, Lk], True where query t may attend key s: any
+            pattern (a mask the passes could not prove causal or key padding, e.g. one
+            built from ``cache_position``). Masked keys are never selected.
+        bias: optional float [B or 1, Lq, Lk] added to the scores (an additive attention
+            mask of unknown content); keys at or below -1e4 are never selected, the
+            others' bias is added to their scores, so the result is exact when top_k
+            covers the visible keys.
 
     Returns:
         [B, Hq, Lq, Dv] in q's dtype. Differentiable in q, k, v (selection is discrete).
     """
-    _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_below)
+    _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_below, mask,
+           bias)
     # Contiguous, as the fake impl promises (Inductor asserts the strides it was told).
     return _attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask,
-                      softcap, dense_below).contiguous()
+                      softcap, dense_below, mask, bias).contiguous()
 
 
 @attention.register_fake
 def _(q, k, v, q_idx, k_idx, w, top_k, scale, causal=True, q_offset=0, key_mask=None,
-      softcap=0.0, dense_below=0):
-    _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_below)
+      softcap=0.0, dense_below=0, mask=None, bias=None):
+    _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_below, mask,
+           bias)
     b, hq, lq, _ = q.shape
     return q.new_empty((b, hq, lq, v.shape[-1]))
 
 
+_TENSOR_ARGS = 6  # q, k, v, q_idx, k_idx, w lead the schema
+
+
 def _setup(ctx, inputs, output):
-    q, k, v, q_idx, k_idx, w, *rest = inputs
-    ctx.save_for_backward(q, k, v, q_idx, k_idx, w, rest[4])
-    ctx.rest = rest
+    ctx.save_for_backward(*inputs[:_TENSOR_ARGS])
+    ctx.rest = inputs[_TENSOR_ARGS:]  # top_k ... bias, in schema order
 
 
 def _backward(ctx, grad):
-    q, k, v, q_idx, k_idx, w, key_mask = ctx.saved_tensors
-    top_k, scale, causal, q_offset, _, softcap, dense_below = ctx.rest
+    q, k, v, q_idx, k_idx, w = ctx.saved_tensors
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = _attention(*leaves, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask,
-                         softcap, dense_below)
+        out = _attention(*leaves, q_idx, k_idx, w, *ctx.rest)
         dq, dk, dv = torch.autograd.grad(out, leaves, grad)
-    return dq, dk, dv, *([None] * 10)
+    return dq, dk, dv, *([None] * (_TENSOR_ARGS - 3 + len(ctx.rest)))
 
 
 attention.register_autograd(_backward, setup_context=_setup)

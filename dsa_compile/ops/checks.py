@@ -93,7 +93,8 @@ def check_indexer_args(op, q_idx, k_idx, w, top_k, q_offset, key_mask) -> None:
         check(isinstance(top_k, int) or isinstance(top_k, torch.SymInt), op,
               f"top_k must be an int, got {type(top_k).__name__}")
         check(top_k > 0, op, f"top_k must be > 0, got {top_k}")
-    check(q_offset >= 0, op, f"q_offset must be >= 0, got {q_offset}")
+    check(isinstance(q_offset, (int, torch.SymInt)), op,
+          f"q_offset must be an int, got {type(q_offset).__name__}")
     if key_mask is not None:
         check_tensor(op, "key_mask", key_mask, 2, dtypes=(torch.bool,), inner_contiguous=False)
         check(
@@ -151,3 +152,19 @@ def check_indices_range(op, indices, lk) -> None:
         op,
         f"indices out of range: found values in [{lo}, {hi}], allowed -1 (unused) .. {lk - 1}",
     )
+
+
+def check_general_masks(op, q, lk, mask, bias) -> None:
+    """``mask`` bool and ``bias`` float, each [B or 1, Lq, Lk] on q's device, or None."""
+    b, lq = q.shape[0], q.shape[2]
+    for name, t, dtypes in (("mask", mask, (torch.bool,)), ("bias", bias, FLOAT_DTYPES)):
+        if t is None:
+            continue
+        check_tensor(op, name, t, 3, dtypes=dtypes, inner_contiguous=False)
+        check_same_device(op, q=q, **{name: t})
+        check(
+            t.shape[0] in (1, b) and tuple(t.shape[1:]) == (lq, lk),
+            op,
+            f"{name} must be [B or 1, Lq, Lk] = [{b} or 1, {lq}, {lk}] (one pattern for all "
+            f"heads), got {tuple(t.shape)}",
+        )

@@ -6,7 +6,14 @@ import torch
 from torch import Tensor
 
 from dsa_compile import reference
-from dsa_compile.ops.checks import check_attention_args, check_indices, check_indices_range
+from dsa_compile.ops.checks import (
+    check,
+    check_attention_args,
+    check_indices,
+    check_indices_range,
+    check_same_device,
+    check_tensor,
+)
 from dsa_compile.ops.dispatch import use_triton
 from dsa_compile.reference.sparse_attention import _query_chunk
 
@@ -19,6 +26,7 @@ def sparse_attention(
     indices: Tensor,
     scale: float,
     softcap: float = 0.0,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token-sparse attention: query t of head h attends to the keys in
     ``indices[b, g, t, :]`` (g = 0 when G = 1, else h's KV head), ignoring -1 slots.
@@ -29,6 +37,8 @@ def sparse_attention(
             or G = Hkv. Valid entries of a row are distinct keys in [0, Lk).
         scale: multiplier of q . k (usually D ** -0.5).
         softcap: if > 0, logits become softcap * tanh(logits / softcap).
+        bias: optional float [B, G, Lq, top_k]: added to the score of the key in the same
+            slot of ``indices`` (a general additive mask, gathered at the selection).
 
     Returns:
         (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32). A query with no
@@ -37,16 +47,25 @@ def sparse_attention(
     Raises:
         ValueError: wrong rank/dtype/device, mismatched batch or heads, indices out of range.
     """
+    _check(q, k, v, indices, softcap, bias)
+    check_indices_range("sparse_attention", indices, k.shape[2])
+    return reference.sparse_attention(q, k, v, indices, scale, softcap, bias)
+
+
+def _check(q, k, v, indices, softcap, bias):
     check_attention_args("sparse_attention", q, k, v, softcap)
     check_indices("sparse_attention", indices, q, k)
-    check_indices_range("sparse_attention", indices, k.shape[2])
-    return reference.sparse_attention(q, k, v, indices, scale, softcap)
+    if bias is not None:
+        check_tensor("sparse_attention", "bias", bias, 4, inner_contiguous=False)
+        check_same_device("sparse_attention", q=q, bias=bias)
+        check(tuple(bias.shape) == tuple(indices.shape), "sparse_attention",
+              f"bias must match indices {tuple(indices.shape)} slot for slot, "
+              f"got {tuple(bias.shape)}")
 
 
 @sparse_attention.register_fake
-def _(q, k, v, indices, scale, softcap=0.0):
-    check_attention_args("sparse_attention", q, k, v, softcap)
-    check_indices("sparse_attention", indices, q, k)
+def _(q, k, v, indices, scale, softcap=0.0, bias=None):
+    _check(q, k, v, indices, softcap, bias)
     b, hq, lq, _ = q.shape
     out = q.new_empty((b, hq, lq, v.shape[-1]))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)
@@ -54,25 +73,24 @@ def _(q, k, v, indices, scale, softcap=0.0):
 
 
 @sparse_attention.register_kernel("cuda")
-def _(q, k, v, indices, scale, softcap=0.0):
-    check_attention_args("sparse_attention", q, k, v, softcap)
-    check_indices("sparse_attention", indices, q, k)
+def _(q, k, v, indices, scale, softcap=0.0, bias=None):
+    _check(q, k, v, indices, softcap, bias)
     if not use_triton():
-        return reference.sparse_attention(q, k, v, indices, scale, softcap)
+        return reference.sparse_attention(q, k, v, indices, scale, softcap, bias)
     from dsa_compile.kernels import sparse_attention as triton_sparse_attention
 
-    return triton_sparse_attention(q, k, v, indices, scale, softcap)
+    return triton_sparse_attention(q, k, v, indices, scale, softcap, bias)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, indices, scale, softcap = inputs
-    ctx.save_for_backward(q, k, v, indices)
+    q, k, v, indices, scale, softcap, bias = inputs
+    ctx.save_for_backward(q, k, v, indices, bias)
     ctx.scale, ctx.softcap = scale, softcap
 
 
 def _backward(ctx, grad_out, grad_lse):
     """Recompute-based backward, chunked over queries so memory stays O(chunk * top_k)."""
-    q, k, v, indices = ctx.saved_tensors
+    q, k, v, indices, bias = ctx.saved_tensors
     lq = q.shape[2]
     chunk = _query_chunk(q.shape[0], k.shape[1], indices.shape[-1], max(q.shape[-1], v.shape[-1]))
     dq = torch.zeros_like(q, dtype=torch.float32)
@@ -84,7 +102,8 @@ def _backward(ctx, grad_out, grad_lse):
         with torch.enable_grad():
             qc = q[:, :, s : s + chunk].detach().float().requires_grad_()
             out, lse = reference.sparse_attention(
-                qc, kf, vf, indices[:, :, s : s + chunk], ctx.scale, ctx.softcap
+                qc, kf, vf, indices[:, :, s : s + chunk], ctx.scale, ctx.softcap,
+                None if bias is None else bias[:, :, s : s + chunk],
             )
             outs, grads = [out], [grad_out[:, :, s : s + chunk].float()]
             if grad_lse is not None:
@@ -96,7 +115,7 @@ def _backward(ctx, grad_out, grad_lse):
         if gk is not None:
             dk += gk
         dv += gv
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 sparse_attention.register_autograd(_backward, setup_context=_setup)

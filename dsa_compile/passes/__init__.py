@@ -14,6 +14,7 @@ from dsa_compile.config import DSAConfig
 from dsa_compile.passes.detect import find_sites, normalize_path
 from dsa_compile.passes.dsa_reference import find_reference_sites, rewrite_reference_site
 from dsa_compile.passes.mha import rewrite_mha_site
+from dsa_compile.passes.normalize import eliminate_dead_code
 from dsa_compile.passes.rewrite import COUNTERS, SiteRecord, record, rewrite_site, selected
 
 __all__ = ["COUNTERS", "SiteRecord", "normalize_path", "run_passes"]
@@ -59,7 +60,7 @@ def run_passes(gm: fx.GraphModule, config: DSAConfig, params: dict[str, torch.Te
             site.rewritten = True   # explain: would be rewritten
         records.append(record(site))
     if rewrite:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return records

@@ -189,6 +189,7 @@ def _apply_mask(site: AttentionSite, info: MaskInfo) -> None:
             raise Reject("conflicting causal offsets")
         site.causal, site.q_offset = True, info.offset
     site.key_factors += info.key_factors
+    site.masks += info.carried
 
 
 def _match_softmax(site: AttentionSite, sm: Node, lookup, g: nx.DiGraph) -> bool:
@@ -271,8 +272,8 @@ def _match_softmax(site: AttentionSite, sm: Node, lookup, g: nx.DiGraph) -> bool
     site.output, site.q, site.k, site.v = pv, q, k, v
     site.out_perm, site.scale, site.softcap = out_perm, scale, softcap
     site.squeeze0 = q.unsqueeze0
-    if site.squeeze0 and masks.key_factors:
-        raise Reject("key padding mask on a 3-D (bmm) attention")
+    if site.squeeze0 and (masks.key_factors or masks.carried):
+        raise Reject("key padding or general mask on a 3-D (bmm) attention")
     _apply_mask(site, masks)
     _prove_region(site, qk, pv, g)
     if masks.topk is not None:

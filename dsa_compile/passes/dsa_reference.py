@@ -46,8 +46,8 @@ def match_reference(site: AttentionSite, topk: Node, lookup) -> None:
     causal, offset = False, 0
     if op_of(scores) == "masked_fill" and very_negative(arg(scores, 2, "value")):
         info = classify_bool(scores.args[1], True, lookup)
-        if info.key_factors:
-            raise Reject("index-score padding mask")
+        if info.key_factors or info.carried:
+            raise Reject("index-score padding or general mask")
         causal, offset = info.causal, info.offset
         scores = _strip(scores.args[0])
     if causal != site.causal or (causal and offset != site.q_offset):

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from dsa_compile.indexer import FIT_MIN_TOKENS, Indexer
+from dsa_compile.passes.normalize import mutates, op_of
 
 
 def hint(x):
@@ -28,23 +29,38 @@ def hint(x):
     return x
 
 
-def fit_new_indexers(gm: fx.GraphModule, run: Callable[[], Any],
-                     inputs: Sequence[Any] = ()) -> None:
-    """Fit every not-yet-fitted indexer of ``gm`` by calling ``run()`` (which runs ``gm``
-    on real inputs) once.
+def fit_new_indexers(gm: fx.GraphModule, run: Callable[[Callable], Any],
+                     inputs: Sequence[Any] = (), aligned: bool = True) -> None:
+    """Fit every not-yet-fitted indexer of ``gm`` by calling ``run(sub)`` once, which runs
+    ``gm`` on the real inputs with each input tensor ``x`` replaced by ``sub(x)``.
 
-    Skipped, with a warning (the indexers stay data-free), when ``inputs`` hold fake or
-    hint-less values, when the graph mutates state (running it once more would repeat the
-    mutation), when the run fails, or when the inputs are too short to fit on.
+    ``inputs`` are the real inputs; ``aligned``: they are ``gm``'s placeholders in order
+    (the backend), else user inputs of unknown order (``apply``). The fit run must not
+    repeat the graph's side effects: every tensor the graph writes in place (a KV cache,
+    a counter buffer) is replaced by a copy for that run -- the mutated placeholders when
+    aligned, every input tensor otherwise -- and mutated ``get_attr`` buffers are swapped
+    for copies. Skipped, with a warning (the indexers stay data-free), when ``inputs``
+    hold fake or hint-less values, when a parameter is written, when the run fails, or
+    when the inputs are too short to fit on.
     """
     from torch._subclasses.fake_tensor import FakeTensor
 
     todo = [m for m in gm.modules() if isinstance(m, Indexer) and not m.fitted]
     if not todo:
         return
-    if any(isinstance(x, FakeTensor) or x is None for x in inputs) or _mutates(gm):
+    if any(isinstance(x, FakeTensor) or x is None for x in inputs):
         _warn_unfitted("cannot run the graph on the example inputs")
         return
+    placeholders, attrs = _mutated_roots(gm)
+    if aligned:
+        written = {id(x) for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
+                                         inputs) if n in placeholders}
+    else:
+        written = {id(x) for x in inputs if isinstance(x, torch.Tensor)}
+    if any(isinstance(x, nn.Parameter) and id(x) in written for x in inputs):
+        _warn_unfitted("the graph writes a parameter in place")
+        return
+    copies = {id(x): x.clone() for x in inputs if isinstance(x, torch.Tensor) and id(x) in written}
 
     def fit_hook(indexer: Indexer, args):
         q, k = args
@@ -53,8 +69,8 @@ def fit_new_indexers(gm: fx.GraphModule, run: Callable[[], Any],
 
     handles = [m.register_forward_pre_hook(fit_hook) for m in todo]
     try:
-        with torch.no_grad(), _dense_sites(gm):
-            run()
+        with torch.no_grad(), _dense_sites(gm), _swapped_attrs(gm, attrs):
+            run(lambda x: copies.get(id(x), x) if isinstance(x, torch.Tensor) else x)
     except Exception as e:  # a failed fit must not cost the user the rewrite
         _warn_unfitted(f"running the graph to fit the indexers failed ({type(e).__name__}: "
                        f"{str(e)[:200]})")
@@ -66,6 +82,52 @@ def fit_new_indexers(gm: fx.GraphModule, run: Callable[[], Any],
         warnings.warn(f"dsa: inputs shorter than {FIT_MIN_TOKENS} tokens, indexers start from "
                       "data-free projections; a later compile for longer inputs fits them",
                       stacklevel=3)
+
+
+_VIEWS = ("cast", "identity", "reshape", "getitem", "transpose", "permute", "expand",
+          "unsqueeze", "squeeze", "select", "narrow", "slice", "as_strided", "t", "view_as")
+
+
+def _mutated_roots(gm: fx.GraphModule) -> tuple[set, set]:
+    """(placeholders, get_attr targets) that some in-place node of ``gm`` writes, found by
+    walking each written value back through views (in-graph allocations need no copy)."""
+    placeholders, attrs = set(), set()
+    for n in gm.graph.nodes:
+        if not mutates(n) or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        x = n.args[0]
+        while x.op in ("call_function", "call_method") and op_of(x) in _VIEWS and \
+                x.args and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+        if x.op == "placeholder":
+            placeholders.add(x)
+        elif x.op == "get_attr":
+            attrs.add(x.target)
+    return placeholders, attrs
+
+
+@contextlib.contextmanager
+def _swapped_attrs(gm: fx.GraphModule, targets: set):
+    """Each ``get_attr`` tensor in ``targets`` replaced by a copy for the block."""
+    saved = []
+    for target in targets:
+        owner, _, name = target.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        t = getattr(mod, name)
+        if isinstance(t, torch.Tensor):
+            saved.append((mod, name, t))
+            if name in mod._buffers:
+                mod._buffers[name] = t.clone()
+            else:
+                object.__setattr__(mod, name, t.clone())
+    try:
+        yield
+    finally:
+        for mod, name, t in saved:
+            if name in mod._buffers:
+                mod._buffers[name] = t
+            else:
+                object.__setattr__(mod, name, t)
 
 
 @contextlib.contextmanager
@@ -89,18 +151,3 @@ def _warn_unfitted(why: str) -> None:
     warnings.warn(f"dsa: {why}; the new indexers start from data-free projections, which "
                   "select poorly. Run the model once through dsa_compile.apply on real "
                   "inputs, or calibrate / load_indexers before compiling.", stacklevel=4)
-
-
-def _mutates(gm: fx.GraphModule) -> bool:
-    """True if some node writes in place (an in-place method or a mutable op)."""
-    for n in gm.graph.nodes:
-        if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
-            return True
-        if n.op == "call_function":
-            schema = getattr(n.target, "_schema", None)
-            if schema is not None and schema.is_mutable:
-                return True
-            name = getattr(n.target, "__name__", "")
-            if name.endswith("_") and not name.endswith("__"):
-                return True
-    return False

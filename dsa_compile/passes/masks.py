@@ -19,9 +19,15 @@ nn.MultiheadAttention / nn.Transformer build: ``triu(full(-inf), 1)``
 Content is read only from the model's own parameters and buffers: a model input can
 hold another mask on the next call, so an input mask is never proven by its value.
 
-Anything else (a bias, a sliding window, a data-dependent pattern) raises
-:class:`Reject`. This is a proof for every input and every length, not a check on the
-example, which is why it is done symbolically rather than by evaluating the mask.
+A factor that is a mask but none of these (a sliding window, a mask built from
+``cache_position`` or handed in by the caller) is *carried*: the rewrite passes its
+value to the DSA op, which applies it exactly, so proving is only needed for the fast
+structural paths. Carried are bool factors of any provenance and float terms that are
+masks by construction (a model input, whose content the op applies as an additive mask
+whatever it holds, or a model buffer of only 0 / very negative values). A float term
+that may be a bias (ALiBi, relative position bias) raises :class:`Reject`. Proofs hold
+for every input and every length, which is why they are symbolic rather than checks of
+the example.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class MaskInfo:
     offset: int = 0
     key_factors: list[KeyFactor] = dataclasses.field(default_factory=list)
     topk: Node | None = None      # DSA reference style: -inf everywhere but topk(...) keys
+    carried: list[CarriedMask] = dataclasses.field(default_factory=list)
 
     def merge(self, other: MaskInfo) -> MaskInfo:
         if self.causal and other.causal and self.offset != other.offset:
@@ -60,7 +67,19 @@ class MaskInfo:
             raise Reject("two top-k selection masks")
         return MaskInfo(self.causal or other.causal,
                         self.offset if self.causal else other.offset,
-                        self.key_factors + other.key_factors, self.topk or other.topk)
+                        self.key_factors + other.key_factors, self.topk or other.topk,
+                        self.carried + other.carried)
+
+
+@dataclasses.dataclass
+class CarriedMask:
+    """A mask passed to the DSA op by value: bool (True = keep, or masked if ``negate``)
+    or, if ``additive``, float added to the scores."""
+
+    node: Node
+    negate: bool = False
+    additive: bool = False
+    why: str = ""        # why no proof applies (for reports where carrying is not possible)
 
 
 @dataclasses.dataclass
@@ -148,12 +167,23 @@ def _classify_factor(node, negate: bool, lookup: Callable) -> MaskInfo:
     try:
         value = _pos_eval(node, lookup)
     except Reject as e:
-        raise Reject(f"mask factor '{node.name}' is neither causal nor key padding ({e})") from e
+        return _carry(node, negate, False, f"neither causal nor key padding ({e})")
     if value == _TRUE and not negate:
         return MaskInfo()
     if isinstance(value, _Half) and value.negated == negate:
         return MaskInfo(causal=True, offset=value.o)
-    raise Reject(f"mask factor '{node.name}' is not a causal (lower-triangular) mask")
+    return _carry(node, negate, False, "not a causal (lower-triangular) mask")
+
+
+def _carry(node: Node, negate: bool, additive: bool, why: str) -> MaskInfo:
+    """Carry a mask the proofs could not place (see the module doc), if its shape is one
+    pattern for all heads, ``[Lq, Lk]`` or ``[B or 1, 1, Lq, Lk]`` (axes may broadcast)."""
+    v = val(node)
+    shared = v is not None and (v.dim() == 2 or (v.dim() == 4 and _same(v.shape[1], 1)))
+    if not shared:
+        raise Reject(f"mask '{node.name}' is {why} and is not one pattern shared by all "
+                     f"heads (shape {tuple(v.shape) if v is not None else '?'})")
+    return MaskInfo(carried=[CarriedMask(node, negate, additive, why)])
 
 
 def _int_const(x):
@@ -254,6 +284,37 @@ def _pos_eval(node, lookup: Callable):
     if node.op in ("placeholder", "get_attr"):
         return _triangular_buffer(node, lookup)
     raise Reject(f"unsupported op {op or node.target} in positional mask")
+
+
+class StateGuard:
+    """Wraps a ``lookup`` (node -> real tensor) and remembers every model buffer a proof
+    read, with its value: the rewrite trusts a causal buffer by its content, so a later
+    in-place write to it (``model.bias.copy_(...)``) must be noticed. :meth:`changed` is
+    cheap (version counters) unless a watched tensor was written to."""
+
+    def __init__(self, lookup: Callable):
+        self._lookup = lookup
+        self._watched: dict[int, list] = {}
+
+    def __call__(self, node: Node):
+        t = self._lookup(node)
+        if isinstance(t, torch.Tensor) and id(t) not in self._watched:
+            self._watched[id(t)] = [t, t._version, t.detach().clone()]
+        return t
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._watched)
+
+    def changed(self) -> bool:
+        """True if a watched buffer now holds another value than the proof saw."""
+        for entry in self._watched.values():
+            t, version, value = entry
+            if t._version != version:
+                if not torch.equal(t, value):
+                    return True
+                entry[1] = t._version
+        return False
 
 
 def _model_state(node: Node) -> bool:
@@ -378,6 +439,8 @@ def classify_additive(node, lookup: Callable) -> MaskInfo:
         try:
             return MaskInfo(causal=True, offset=_additive_causal(node, lookup))
         except Reject as e:
+            if _input_view(node) or _zero_or_masked_buffer(node, lookup):
+                return _carry(node, False, True, f"an additive mask of unknown pattern ({e})")
             raise Reject(f"additive term '{node.name}' is not provably a mask ({e})") from e
     raise Reject(f"additive term '{node.name}' ({op or node.target}) is not provably a mask "
                  "(a bias such as ALiBi stays dense)")
@@ -411,6 +474,27 @@ def _additive_causal(node, lookup: Callable) -> int:
             return 0
         raise Reject(f"buffer '{node.name}' is not a causal 0 / -inf mask")
     raise Reject(f"unsupported op {op or node.target}")
+
+
+def _input_view(node: Node) -> bool:
+    """A model input (not a parameter or buffer), possibly sliced or cast: a mask the
+    caller hands in, e.g. Hugging Face's 4-D mask for a static cache."""
+    while op_of(node) in ("getitem", "cast", "identity", "expand") and \
+            isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node.op == "placeholder" and not _model_state(node)
+
+
+def _zero_or_masked_buffer(node: Node, lookup: Callable) -> bool:
+    """A model buffer (possibly sliced) holding only 0 and very negative values."""
+    while op_of(node) in ("getitem", "cast", "identity", "expand") and \
+            isinstance(node.args[0], Node):
+        node = node.args[0]
+    if node.op not in ("placeholder", "get_attr") or not _model_state(node):
+        return False
+    t = lookup(node)
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and \
+        bool(((t == 0) | (t <= -1e4)).all())
 
 
 def _same(a, b) -> bool:

@@ -215,6 +215,9 @@ def match(site: AttentionSite, node: Node, lookup) -> None:
     site.num_q_heads = site.num_kv_heads = h
     site.head_dim = e // h
     site.scale = 1.0 / math.sqrt(site.head_dim)
+    if info.carried:
+        c = info.carried[0]
+        raise Reject(f"mask '{c.node.name}' is {c.why}")
     site.causal, site.q_offset, site.key_factors = info.causal, info.offset, info.key_factors
     site.extra["lk"] = val(attn.key).shape[0 if attn.seq_first else 1]
     site.extra["device"] = val(attn.query).device

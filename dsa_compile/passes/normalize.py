@@ -107,3 +107,27 @@ def is_zero_tensor(x) -> bool:
     if is_number(x):
         return x == 0
     return isinstance(x, Node) and (op_of(x) in ("zeros", "new_zeros"))
+
+
+def mutates(node: Node) -> bool:
+    """True if ``node`` writes in place: an in-place method (``index_copy_``, ``add_``),
+    an in-place function, a mutable aten overload, ``operator.setitem``, or any node FX
+    itself calls impure. Such nodes have side effects even when their value is unused
+    (cache and buffer writes), so no pass may drop them."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target is operator.setitem:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def eliminate_dead_code(graph) -> None:
+    """``graph.eliminate_dead_code()`` that keeps every node that :func:`mutates` (FX's
+    own version drops in-place method calls such as ``index_copy_`` into a KV cache)."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))

@@ -101,6 +101,32 @@ def _key_mask(g: fx.Graph, site: AttentionSite, q: Node, k: Node) -> Node | None
     return g.call_method("contiguous", (mask,))
 
 
+def _general_masks(g: fx.Graph, site: AttentionSite, q: Node, k: Node):
+    """(bool keep-mask, additive bias) nodes [B or 1, Lq, Lk] from the site's carried
+    masks (None where there are none); each mask is brought to [B or 1, 1, Lq, Lk] and
+    its head axis dropped."""
+    if not site.masks:
+        return None, None
+    lq, lk = g.call_method("size", (q, 2)), g.call_method("size", (k, 2))
+    keep = bias = None
+    for m in site.masks:
+        x = m.node
+        if val(x).dim() == 2:
+            x = g.call_function(operator.getitem, (x, (None, None)))
+        batch = g.call_method("size", (x, 0))
+        x = g.call_method("expand", (x, batch, 1, lq, lk))
+        x = g.call_function(operator.getitem, (x, (slice(None), 0)))
+        if m.additive:
+            bias = x if bias is None else g.call_function(operator.add, (bias, x))
+            continue
+        if val(m.node).dtype != torch.bool:
+            x = g.call_function(operator.ne, (x, 0))
+        if m.negate:
+            x = g.call_function(torch.logical_not, (x,))
+        keep = x if keep is None else g.call_function(torch.logical_and, (keep, x))
+    return keep, bias
+
+
 def emit_attention(gm: fx.GraphModule, site: AttentionSite, q: Node, k: Node, v: Node,
                    index: int, config: DSAConfig, params: dict[str, torch.Tensor],
                    device: torch.device) -> Node:
@@ -115,10 +141,12 @@ def emit_attention(gm: fx.GraphModule, site: AttentionSite, q: Node, k: Node, v:
     idx = g.call_module(sub, (q, k))
     q_idx, k_idx, w = (g.call_function(operator.getitem, (idx, i)) for i in range(3))
     key_mask = _key_mask(g, site, q, k)
+    mask, bias = _general_masks(g, site, q, k)
     softcap = config.softcap or site.softcap
     return g.call_function(torch.ops.dsa.attention.default, (
         q, k, v, q_idx, k_idx, w, config.top_k, float(site.scale), bool(site.causal),
-        site.q_offset, key_mask, float(softcap), config.dense_below))
+        site.q_offset, key_mask, float(softcap), config.dense_below),
+        {"mask": mask, "bias": bias})
 
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, index: int, config: DSAConfig,

@@ -60,6 +60,7 @@ class AttentionSite:
     causal: bool = False
     q_offset: Any = 0
     key_factors: list[KeyFactor] = dataclasses.field(default_factory=list)
+    masks: list[Any] = dataclasses.field(default_factory=list)  # masks.CarriedMask
     softcap: float = 0.0
     out_perm: tuple[int, ...] | None = None
     squeeze0: bool = False

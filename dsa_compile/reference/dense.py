@@ -6,6 +6,10 @@ import torch
 
 from dsa_compile.reference.indexer import visible_mask
 
+MASKED_BIAS = -1e4
+"""An additive mask value at or below this hides the key: its softmax weight underflows
+to exactly 0 in float32 next to any unmasked key (the passes use the same bound)."""
+
 
 def dense_attention(
     q: torch.Tensor,
@@ -16,11 +20,15 @@ def dense_attention(
     q_offset: int = 0,
     key_mask: torch.Tensor | None = None,
     softcap: float = 0.0,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention in float32. q: [B, Hq, Lq, D], k: [B, Hkv, Lk, D], v: [B, Hkv, Lk, Dv].
 
-    Query t sits at absolute position q_offset + t. Returns (out [B, Hq, Lq, Dv] in q's
-    dtype, lse [B, Hq, Lq] float32); a query with no visible key gets zeros and -inf.
+    Query t sits at absolute position q_offset + t. ``mask`` (bool [B or 1, Lq, Lk], True =
+    may attend) and ``bias`` (float [B or 1, Lq, Lk], added to the scores as the model adds
+    its additive mask) are general masks shared by all heads. Returns (out [B, Hq, Lq, Dv]
+    in q's dtype, lse [B, Hq, Lq] float32); a query with no visible key gets zeros, -inf.
     O(Lq * Lk) memory: for tests and short sequences.
     """
     b, hq, lq, _ = q.shape
@@ -35,6 +43,10 @@ def dense_attention(
         s = s.masked_fill(~vis, float("-inf"))
     if key_mask is not None:
         s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    if bias is not None:
+        s = s + bias[:, None].float()
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
     return torch.einsum("bhqk,bhkd->bhqd", p, vf).to(q.dtype), lse

@@ -28,7 +28,8 @@ def visible_mask(
     return torch.arange(lk, device=device)[None, :] <= pos[:, None]
 
 
-def _chunk_scores(q_idx, k_idx, w, start, q_offset, causal, key_mask) -> torch.Tensor:
+def _chunk_scores(q_idx, k_idx, w, start, q_offset, causal, key_mask,
+                  mask=None) -> torch.Tensor:
     """Index scores for one chunk of queries: [B, C, Lk'] float32, -inf where masked.
 
     With ``causal`` only the keys some query of the chunk can see are scored
@@ -48,6 +49,8 @@ def _chunk_scores(q_idx, k_idx, w, start, q_offset, causal, key_mask) -> torch.T
         scores = scores.masked_fill_(~vis[None], float("-inf"))
     if key_mask is not None:
         scores = scores.masked_fill_(~key_mask[:, None, :lk], float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill_(~mask[:, start : start + c, :lk], float("-inf"))
     return scores
 
 
@@ -62,6 +65,7 @@ def indexer_scores(
     q_offset: int = 0,
     causal: bool = True,
     key_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense index scores (calibration and analysis; O(Lq * Lk) output by nature).
 
@@ -72,6 +76,8 @@ def indexer_scores(
         q_offset: absolute position of query 0.
         causal: hide keys after each query's position.
         key_mask: optional bool [B, Lk], True where the key exists.
+        mask: optional bool [B or 1, Lq, Lk], True where query t may see key s (any
+            pattern; combined with ``causal`` and ``key_mask``).
 
     Returns:
         float32 [B, Lq, Lk], -inf where the key is not visible. Differentiable.
@@ -82,7 +88,8 @@ def indexer_scores(
     parts = []
     for s in range(0, max(lq, 1), chunk):  # Lq = 0: one empty chunk (torch.cat needs one)
         part = _chunk_scores(
-            q_idx[:, s : s + chunk], k_idx, w[:, s : s + chunk], s, q_offset, causal, key_mask
+            q_idx[:, s : s + chunk], k_idx, w[:, s : s + chunk], s, q_offset, causal, key_mask,
+            mask,
         )
         parts.append(torch.nn.functional.pad(part, (0, lk - part.shape[-1]), value=float("-inf")))
     return torch.cat(parts, dim=1)
@@ -132,6 +139,7 @@ def indexer_topk(
     q_offset: int = 0,
     causal: bool = True,
     key_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of each query's top_k keys by index score.
 
@@ -147,7 +155,8 @@ def indexer_topk(
     with torch.no_grad():
         for s in range(0, lq, chunk):
             scores = _chunk_scores(
-                q_idx[:, s : s + chunk], k_idx, w[:, s : s + chunk], s, q_offset, causal, key_mask
+                q_idx[:, s : s + chunk], k_idx, w[:, s : s + chunk], s, q_offset, causal,
+                key_mask, mask,
             )
             out[:, s : s + chunk] = select_topk(scores, top_k)
     return out

@@ -41,13 +41,15 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * hkv * lk, d).index_select(0, flat).view(b, hkv, c, k, d)
 
 
-def _chunk_scores(q, k, indices, scale, softcap):
+def _chunk_scores(q, k, indices, scale, softcap, bias=None):
     """Scores of one chunk over its gathered keys: q [B, Hkv, R, C, D], indices
-    [B, G, C, K] -> [B, Hkv, R, C, K], -inf in -1 slots."""
+    [B, G, C, K], bias [B, G, C, K] or None -> [B, Hkv, R, C, K], -inf in -1 slots."""
     kg = _gather_rows(k, indices.clamp_min(0).long())
     s = torch.einsum("bgrcd,bgckd->bgrck", q, kg) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias[:, :, None]
     return s.masked_fill((indices < 0)[:, :, None], float("-inf"))
 
 
@@ -77,10 +79,10 @@ def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
     return torch.einsum(eq, p, v_rows), lse
 
 
-def _chunk_gathered(q, k, v, idx, scale, softcap):
+def _chunk_gathered(q, k, v, idx, scale, softcap, bias=None):
     """q [B, Hkv, R, C, D], idx [B, G, C, K]: gather the K selected rows of k and v."""
     idx = _drop_repeats(idx)  # the mask paths count a repeated key once; so must this one
-    s = _chunk_scores(q, k, idx, scale, softcap)
+    s = _chunk_scores(q, k, idx, scale, softcap, bias)
     vg = _gather_rows(v, idx.clamp_min(0).long())
     return _softmax_out(s, vg, "bgrck,bgcke->bgrce")
 
@@ -95,7 +97,14 @@ def _reach(indices: torch.Tensor, lk: int) -> int:
     return int(indices.max()) + 1
 
 
-def _chunk_dense(q, k, v, idx, scale, softcap):
+def _slot_bias(idx, bias, reach):
+    """Per-slot ``bias`` [B, G, C, K] scattered to key columns: [B, G, C, reach]."""
+    slot = torch.where(idx >= 0, idx, reach).long()
+    full = torch.zeros((*idx.shape[:-1], reach + 1), dtype=torch.float32, device=idx.device)
+    return full.scatter_(-1, slot, bias.float())[..., :reach]
+
+
+def _chunk_dense(q, k, v, idx, scale, softcap, bias=None):
     """Same result as :func:`_chunk_gathered` from dense GEMMs over the keys up to the
     chunk's last selected one, every unselected key masked to -inf."""
     reach = _reach(idx, k.shape[2])
@@ -106,11 +115,13 @@ def _chunk_dense(q, k, v, idx, scale, softcap):
     slot = torch.where(idx >= 0, idx, reach).long()  # -1 slots land in a spare column
     chosen = torch.zeros((*idx.shape[:-1], reach + 1), dtype=torch.bool, device=idx.device)
     chosen.scatter_(-1, slot, True)
+    if bias is not None:
+        s = s + _slot_bias(idx, bias, reach)[:, :, None]
     s = s.masked_fill(~chosen[:, :, None, :, :reach], float("-inf"))  # G broadcasts to Hkv
     return _softmax_out(s, vr, "bgrck,bgke->bgrce")
 
 
-def _chunk_fused(q, k_rep, v_rep, idx, scale):
+def _chunk_fused(q, k_rep, v_rep, idx, scale, bias=None):
     """:func:`_chunk_dense` through PyTorch's fused CPU attention kernel (no softcap, no
     autograd): q [B, Hkv, R, C, D], k_rep / v_rep [B, Hq, Lk, D] (KV heads repeated)."""
     b, hkv, r, c, d = q.shape
@@ -119,13 +130,15 @@ def _chunk_fused(q, k_rep, v_rep, idx, scale):
         return (q.new_zeros((b, hkv, r, c, v_rep.shape[-1])),
                 q.new_full((b, hkv, r, c), float("-inf")))
     slot = torch.where(idx >= 0, idx, reach).long()
-    bias = torch.full((*idx.shape[:-1], reach + 1), float("-inf"), device=idx.device)
-    bias = bias.scatter_(-1, slot, 0.0)[..., :reach]  # [B, G, C, reach]
-    if idx.shape[1] > 1:  # per-KV-head selections: one bias per query head
-        bias = bias[:, :, None].expand(b, hkv, r, c, reach).reshape(b, hkv * r, c, reach)
+    mask = torch.full((*idx.shape[:-1], reach + 1), float("-inf"), device=idx.device)
+    mask = mask.scatter_(-1, slot, 0.0)[..., :reach]  # [B, G, C, reach]
+    if bias is not None:
+        mask = mask + _slot_bias(idx, bias, reach)
+    if idx.shape[1] > 1:  # per-KV-head selections: one mask per query head
+        mask = mask[:, :, None].expand(b, hkv, r, c, reach).reshape(b, hkv * r, c, reach)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.reshape(b, hkv * r, c, d), k_rep[:, :, :reach], v_rep[:, :, :reach],
-        attn_mask=bias, scale=scale)
+        attn_mask=mask, scale=scale)
     # The kernel gives out = 0, lse = 0 for a row without keys; the contract says -inf.
     empty = ~(idx >= 0).any(-1)[:, :, None].expand(b, hkv, r, c)  # G broadcasts to Hkv
     return out.view(b, hkv, r, c, -1), lse.view(b, hkv, r, c).masked_fill(empty, float("-inf"))
@@ -151,6 +164,7 @@ def sparse_attention(
     indices: torch.Tensor,
     scale: float,
     softcap: float = 0.0,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over only its selected keys.
 
@@ -161,6 +175,8 @@ def sparse_attention(
             listed twice counts once.
         scale: multiplier of q . k.
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        bias: optional float [B, G, Lq, top_k], added to the (soft-capped) score of the
+            key in the same slot of ``indices`` (an additive attention mask, gathered).
 
     Returns:
         out [B, Hq, Lq, Dv] in q's dtype (zeros for a query with no valid key) and
@@ -191,12 +207,13 @@ def sparse_attention(
     for s0 in range(0, lq, chunk):
         idx = indices[:, :, s0 : s0 + chunk]
         qc = qf[:, :, :, s0 : s0 + chunk]
+        bc = None if bias is None else bias[:, :, s0 : s0 + chunk].float()
         if fused:
-            o, l_ = _chunk_fused(qc, k_rep, v_rep, idx, scale)
+            o, l_ = _chunk_fused(qc, k_rep, v_rep, idx, scale, bc)
         elif gemm:
-            o, l_ = _chunk_dense(qc, kf, vf, idx, scale, softcap)
+            o, l_ = _chunk_dense(qc, kf, vf, idx, scale, softcap, bc)
         else:
-            o, l_ = _chunk_gathered(qc, kf, vf, idx, scale, softcap)
+            o, l_ = _chunk_gathered(qc, kf, vf, idx, scale, softcap, bc)
         out[:, :, :, s0 : s0 + chunk] = o
         lse[:, :, :, s0 : s0 + chunk] = l_
     out = out.reshape(b, hq, lq, v.shape[-1])
