@@ -12,9 +12,9 @@ problem's inputs between steps:
 - dense:  F.scaled_dot_product_attention(q, k, v, enable_gqa=True), Lq=1 over the cache
 - naive:  einsum scores over the cached index keys, torch.topk, gather, SDPA
 - dsa:    dsa_compile.kernels.decode.decode_attention
-- stages of dsa: scores (+ level-1 histogram, with its memset), topk (a memset of the
-  level-2/3 histograms, 2 radix levels, count, write), attn+combine (split-K attention
-  and the log-sum-exp merge)
+- stages of dsa: scores (the score kernel, with the level-1 histogram), topk (measured
+  as scores+topk minus scores: 2 radix levels, count, write), attn+combine (split-K
+  attention and the log-sum-exp merge)
 
 Floors are bytes / the copy bandwidth measured in the same run (a large device-to-device
 copy, bytes read + written): dense = the K/V cache; dsa = the index keys + top_k rows
@@ -132,26 +132,27 @@ def dsa_step(x, scratch, top_k=TOP_K):
                                    top_k, D ** -0.5, x["q_pos"], scratch=scratch)
 
 
-def stage_fns(x, s, top_k=TOP_K):
-    """The stages of dsa_step on its scratch ``s``, as separate callables."""
+def stage_fns(x, s, top_k=TOP_K, config=None):
+    """Stages of dsa_step on its scratch ``s`` as callables: the score kernel alone, the
+    score kernel + top-k (top-k needs the score kernel's histograms, and clears them),
+    and the attention + combine."""
     b = x["q"].shape[0]
     idx = s.indices.view(b, 1, top_k)
 
     def scores():
-        torch.clamp(x["q_pos"].reshape(-1) + 1, 0, x["k_idx"].shape[1], out=s.row_len)
-        s.topk.hist.zero_()
         decode.decode_index_scores(x["q_idx"], x["k_idx"], x["w"], x["q_pos"],
-                                   hist=s.topk.hist, out=s.scores)
+                                   hist=s.topk.hist, row_len=s.row_len, out=s.scores,
+                                   config=config)
 
-    def topk():
-        s.topk.hist[:, 256:].zero_()  # levels 2 and 3 accumulate: clear them per replay
+    def scores_topk():
+        scores()
         decode.decode_topk(s.scores, top_k, s.row_len, s.topk, hist_ready=True, out=idx)
 
     def attn_and_combine():
         decode.decode_sparse_attention(x["q"], x["k"], x["v"], s.indices, D ** -0.5,
                                        scratch=s.attn)
 
-    return {"scores": scores, "topk": topk, "attn+combine": attn_and_combine}
+    return {"scores": scores, "scores+topk": scores_topk, "attn+combine": attn_and_combine}
 
 
 def check(d_i) -> bool:
@@ -225,8 +226,11 @@ def main():
             t_dsa = graph_ms([lambda x=x, s=s: dsa_step(x, s) for x, s in zip(xs, scratches)])
             stages = {}
             fns = [stage_fns(x, s) for x, s in zip(xs, scratches)]
-            for name in fns[0]:
-                stages[name] = graph_ms([f[name] for f in fns])
+            for name in ("scores+topk", "attn+combine", "scores"):  # scores last: it
+                stages[name] = graph_ms([f[name] for f in fns])  # leaves hist dirty
+            for s in scratches:
+                s.topk.hist.zero_()
+            stages["topk"] = stages["scores+topk"] - stages["scores"]
             floor_d = kv_bytes / bw * 1e3
             dsa_bytes = b * length * d_i * 2 + 2 * b * HKV * min(TOP_K, length) * D * 2
             floor_s = dsa_bytes / bw * 1e3
@@ -261,23 +265,40 @@ def main():
 
 
 def tune(xs, scratches, b, length):
-    """Top-k segment sizes and attention splits, each stage alone (ms)."""
-    for seg in (512, 1024, 2048, 4096, 8192):
+    """Score-kernel launch shapes, top-k segment sizes and attention splits (ms)."""
+    for cfg in ({"block_n": 128, "tiles": 1, "num_warps": 4, "num_stages": 1},
+                {"block_n": 64, "tiles": 1, "num_warps": 4, "num_stages": 1},
+                {"block_n": 128, "tiles": 1, "num_warps": 8, "num_stages": 1},
+                {"block_n": 256, "tiles": 1, "num_warps": 8, "num_stages": 1},
+                {"block_n": 128, "tiles": 4, "num_warps": 4, "num_stages": 3},
+                {"block_n": 64, "tiles": 4, "num_warps": 4, "num_stages": 3},
+                {"block_n": 128, "tiles": 8, "num_warps": 8, "num_stages": 3}):
+        fns = [stage_fns(x, s, config=cfg)["scores"] for x, s in zip(xs, scratches)]
+        print(f"  tune B={b} L={length} scores {cfg}: {graph_ms(fns):.4f} ms", flush=True)
+    fns = [lambda x=x, s=s: decode.decode_index_scores(x["q_idx"], x["k_idx"], x["w"],
+                                                       x["q_pos"], out=s.scores)
+           for x, s in zip(xs, scratches)]
+    print(f"  tune B={b} L={length} scores without histogram: {graph_ms(fns):.4f} ms")
+    for s in scratches:
+        s.topk.hist.zero_()
+    for seg in (512, 1024, 2048, 4096):
         fns = []
         for x, s in zip(xs, scratches):
             ts = decode.TopkScratch.allocate(b, length, "cuda", seg=seg)
-            st = stage_fns(x, s)
+            sc = stage_fns(x, s)["scores"]
 
-            def f(s=s, ts=ts, b=b):
-                ts.hist.zero_()
-                ts.hist[:, :256].copy_(s.topk.hist[:, :256])  # the score stage's level 1
+            def f(s=s, ts=ts, sc=sc, b=b):
+                sc()  # its histograms land in s.topk.hist; move them to ts
+                ts.hist.copy_(s.topk.hist)
+                s.topk.hist.zero_()
                 decode.decode_topk(s.scores, TOP_K, s.row_len, ts, hist_ready=True,
                                    out=s.indices.view(b, 1, TOP_K))
-            st["scores"]()
             fns.append(f)
-        print(f"  tune B={b} L={length} topk seg {seg}: {graph_ms(fns):.4f} ms "
-              "(includes a memset and a copy)", flush=True)
-    for splits in (4, 8, 16, 32, 64):
+        print(f"  tune B={b} L={length} scores+topk seg {seg}: {graph_ms(fns):.4f} ms "
+              "(includes a copy and a memset)", flush=True)
+    for s in scratches:
+        s.topk.hist.zero_()
+    for splits in (8, 16, 32, 64):
         fns = []
         for x, s in zip(xs, scratches):
             att = decode.AttentionScratch.allocate(b, HQ, 1, D, splits, "cuda")

@@ -48,11 +48,12 @@ from dsa_compile.kernels.sparse_attention import _tanh
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# NaN scores of visible keys rank above +inf, take a slot and come out as -1 (what
-# reference.select_topk does today: torch.topk ranks NaN first, the -1 mapping drops
-# it). False: a NaN ranks as the lowest finite score (-FLT_MAX) and is written like any
-# other key. Only _score_key and the write kernel's "dropped" test depend on it.
-NAN_RANKS_HIGHEST_DROPPED = True
+# False (reference.select_topk since f4b666e): a NaN score of a visible key ranks as
+# the lowest finite score (-FLT_MAX) and is written like any other key. True: NaN ranks
+# above +inf, takes a slot and comes out as -1 (torch.topk's order with the -inf test
+# dropping the slot; the reference before f4b666e). Only _score_key and the count/write
+# kernels' "dropped" tests depend on it.
+NAN_RANKS_HIGHEST_DROPPED = False
 _NAN_KEY = 0x7FFFFFFF  # the key of a NaN when it ranks highest (above +inf: 0x7F800000)
 
 # Radix digits: 8 bits (level 1, fused in the score kernel), then 12 and 12.
@@ -116,7 +117,7 @@ def _load_keys(s_row, start, n, BLOCK: tl.constexpr, NAN_HIGH: tl.constexpr):
 
 @triton.jit
 def decode_scores_kernel(
-    QI, KI, W, QPOS, KM, OUT, HIST,
+    QI, KI, W, QPOS, KM, OUT, HIST, ROWLEN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_ks,
     stride_wb, stride_wt, stride_wh,
@@ -124,14 +125,14 @@ def decode_scores_kernel(
     stride_ob, stride_ot,
     lk,
     LQ: tl.constexpr, BLOCK_T: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
     HAS_MASK: tl.constexpr, WITH_HIST: tl.constexpr, NAN_HIGH: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Scores of TILES blocks of BLOCK_N keys for all Lq queries of sequence b; with
+    WITH_HIST also the level-1 radix histogram of each row and (program 0) ROWLEN."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # keys
-    n_ok = offs_n < lk
     offs_d = tl.arange(0, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_T)
     t_ok = offs_t < LQ
@@ -140,43 +141,52 @@ def decode_scores_kernel(
     mt = m // BLOCK_H
     mh = m % BLOCK_H
     m_ok = (mt < LQ) & (mh < H)
-
     qpos = tl.load(QPOS + b * LQ + offs_t, mask=t_ok, other=-1)  # [BT]
-    visible = (offs_n[None, :] <= qpos[:, None]) & n_ok[None, :] & t_ok[:, None]
-    if HAS_MASK:
-        km = tl.load(KM + b * stride_mb + offs_n, mask=n_ok, other=0)
-        visible &= (km != 0)[None, :]
-
-    acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-    if pid_n * BLOCK_N <= tl.max(qpos, 0):  # else no query sees this block
+    if WITH_HIST:
+        if pid_n == 0:  # the rows' lengths for the top-k kernels
+            tl.store(ROWLEN + b * LQ + offs_t, tl.minimum(tl.maximum(qpos + 1, 0), lk),
+                     mask=t_ok)
+    q = tl.load(QI + b * stride_qb + mt[:, None] * stride_qt + mh[:, None] * stride_qh
+                + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [M, BD]
+    w = tl.load(W + b * stride_wb + mt * stride_wt + mh * stride_wh, mask=m_ok,
+                other=0.0).to(tl.float32)  # [M]
+    last = tl.max(qpos, 0)
+    for tile in range(TILES):
+        offs_n = (pid_n * TILES + tile) * BLOCK_N + tl.arange(0, BLOCK_N)  # keys
+        n_ok = offs_n < lk
+        visible = (offs_n[None, :] <= qpos[:, None]) & n_ok[None, :] & t_ok[:, None]
+        if HAS_MASK:
+            km = tl.load(KM + b * stride_mb + offs_n, mask=n_ok, other=0)
+            visible &= (km != 0)[None, :]
+        # Blocks no query sees load nothing (their scores are -inf).
+        load_ok = n_ok & (offs_n <= last)
         kt = tl.load(KI + b * stride_kb + offs_n[None, :].to(tl.int64) * stride_ks
                      + offs_d[:, None],
-                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BD, BN]
-        q = tl.load(QI + b * stride_qb + mt[:, None] * stride_qt + mh[:, None] * stride_qh
-                    + offs_d[None, :],
-                    mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [M, BD]
-        w = tl.load(W + b * stride_wb + mt * stride_wt + mh * stride_wh, mask=m_ok,
-                    other=0.0).to(tl.float32)  # [M]
+                     mask=load_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BD, BN]
         s = tl.maximum(dot(q, kt, IEEE, UPCAST), 0.0) * w[:, None]  # [M, BN]
         acc = tl.sum(tl.reshape(s, [BLOCK_T, BLOCK_H, BLOCK_N]), 1)  # [BT, BN]
-    # + 0.0 turns a -0.0 sum into +0.0, so equal scores compare equal bit for bit.
-    scores = tl.where(visible, acc + 0.0, float("-inf"))
-    o_ptrs = OUT + b * stride_ob + offs_t[:, None] * stride_ot + offs_n[None, :]
-    tl.store(o_ptrs, scores, mask=t_ok[:, None] & n_ok[None, :])
+        # + 0.0 turns a -0.0 sum into +0.0, so equal scores compare equal bit for bit.
+        scores = tl.where(visible, acc + 0.0, float("-inf"))
+        o_ptrs = OUT + b * stride_ob + offs_t[:, None] * stride_ot + offs_n[None, :]
+        tl.store(o_ptrs, scores, mask=t_ok[:, None] & n_ok[None, :])
+        if WITH_HIST:
+            bins = tl.arange(0, 256)
+            for t in tl.static_range(BLOCK_T):
+                if t < LQ:
+                    row = tl.sum(tl.where(offs_t[:, None] == t, scores, 0.0), 0)  # [BN]
+                    key, live = _score_key(row, NAN_HIGH)
+                    hist = tl.histogram((key >> 24) + 128, 256, mask=live)
+                    tl.atomic_add(HIST + (b * LQ + t) * (256 + 4096 + 4096) + bins, hist,
+                                  mask=hist > 0, sem="relaxed")
 
-    if WITH_HIST:
-        bins = tl.arange(0, 256)
-        for t in tl.static_range(BLOCK_T):
-            if t < LQ:
-                row = tl.sum(tl.where(offs_t[:, None] == t, scores, 0.0), 0)  # [BN]
-                key, live = _score_key(row, NAN_HIGH)
-                hist = tl.histogram((key >> 24) + 128, 256, mask=live)
-                tl.atomic_add(HIST + (b * LQ + t) * (256 + 4096 + 4096) + bins, hist,
-                              mask=hist > 0, sem="relaxed")
+
+# Score kernel launch shape (keys per tile, tiles per program, warps, pipeline stages).
+SCORE_CONFIG = {"block_n": 128, "tiles": 1, "num_warps": 4, "num_stages": 1}
 
 
-def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None,
-                        out=None) -> torch.Tensor:
+def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_len=None,
+                        out=None, config=None) -> torch.Tensor:
     """Index scores of a few queries per sequence over a cache of index keys.
 
         I[b, t, s] = sum_j w[b, t, j] * ReLU(q_idx[b, t, j] . k_idx[b, s])
@@ -189,7 +199,8 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None,
             query t of sequence b iff s <= q_pos[b, t] (and key_mask[b, s]).
         key_mask: optional bool [B, Lk], False for keys that do not exist (padding).
         hist: optional zeroed ``TopkScratch.hist`` (int32 [B * Lq, 8448]); receives the
-            level-1 radix histogram of each row (used by :func:`decode_topk`).
+            level-1 radix histogram of each row (used by :func:`decode_topk`); then
+            ``row_len`` (int32 [B * Lq]) receives clamp(q_pos + 1, 0, Lk) too.
         out: optional float32 [B, Lq, Lk] contiguous output.
 
     Returns:
@@ -210,9 +221,13 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None,
     km = out if key_mask is None else key_mask.contiguous().view(torch.uint8)
     block_t = triton.next_power_of_2(lq)
     block_h = max(triton.next_power_of_2(h), 16 // block_t)  # tl.dot needs M >= 16
-    block_n = 32 if INTERPRET else 128
-    decode_scores_kernel[(triton.cdiv(lk, block_n), b)](
+    cfg = dict(SCORE_CONFIG, **(config or {}))
+    block_n, tiles = (32, 2) if INTERPRET else (cfg["block_n"], cfg["tiles"])
+    if hist is not None and row_len is None:
+        raise ValueError("decode_index_scores: hist needs row_len")
+    decode_scores_kernel[(triton.cdiv(lk, block_n * tiles), b)](
         q_idx, k_idx, w, q_pos, km, out, hist if hist is not None else out,
+        row_len if row_len is not None else q_pos,
         q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
         k_idx.stride(0), k_idx.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
@@ -220,12 +235,12 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None,
         out.stride(0), out.stride(1),
         lk,
         LQ=lq, BLOCK_T=block_t, H=h, BLOCK_H=block_h,
-        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,
+        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, TILES=tiles,
         HAS_MASK=key_mask is not None, WITH_HIST=hist is not None,
         NAN_HIGH=NAN_RANKS_HIGHEST_DROPPED,
         IEEE=q_idx.dtype == torch.float32,
         UPCAST=INTERPRET and q_idx.dtype == torch.bfloat16,
-        num_warps=4,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
@@ -241,8 +256,7 @@ def _level1_hist_kernel(S, HIST, ROWLEN, stride_sr, n, HAS_LEN: tl.constexpr,
     """Level-1 histogram (top 8 bits) of rows that did not come from the score kernel."""
     seg = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
-    if HAS_LEN:
-        n = tl.minimum(n, tl.load(ROWLEN + r))
+    n = tl.minimum(n, tl.load(ROWLEN + r)) if HAS_LEN else n
     s_row = S + r * stride_sr
     hist = tl.zeros([256], tl.int32)
     for start in range(seg * SEG, tl.minimum(seg * SEG + SEG, n), BLOCK):
@@ -308,11 +322,10 @@ def topk_level_kernel(S, HIST, STATE, ROWLEN, stride_sr, n, top_k,
                         tl.where(tl.arange(0, 4) == 1, need, done))
         tl.store(out_st + tl.arange(0, 4), vals, mask=tl.arange(0, 4) < 3)
     if done == 0:
-        if HAS_LEN:
-            n = tl.minimum(n, tl.load(ROWLEN + r))
+        n_row = tl.minimum(n, tl.load(ROWLEN + r)) if HAS_LEN else n
         s_row = S + r * stride_sr
-        for start in range(seg * SEG, tl.minimum(seg * SEG + SEG, n), BLOCK):
-            _offs, key, ok = _load_keys(s_row, start, n, BLOCK, NAN_HIGH)
+        for start in range(seg * SEG, tl.minimum(seg * SEG + SEG, n_row), BLOCK):
+            _offs, key, ok = _load_keys(s_row, start, n_row, BLOCK, NAN_HIGH)
             cand = ok & ((key >> SHIFT) == prefix)
             _hist_add(h_next, (key >> LO) & 4095, cand, BLOCK)
 
@@ -347,8 +360,7 @@ def topk_count_kernel(S, HIST, STATE, ROWLEN, CNT, stride_sr, n, nseg,
     if seg == 0:
         tl.store(STATE + r * 8 + 6 + tl.arange(0, 2),
                  tl.where(tl.arange(0, 2) == 0, thr, need_t))
-    if HAS_LEN:
-        n = tl.minimum(n, tl.load(ROWLEN + r))
+    n = tl.minimum(n, tl.load(ROWLEN + r)) if HAS_LEN else n
     s_row = S + r * stride_sr
     gt = tl.zeros([], tl.int32)
     eq = tl.zeros([], tl.int32)
@@ -364,7 +376,7 @@ def topk_count_kernel(S, HIST, STATE, ROWLEN, CNT, stride_sr, n, nseg,
 
 
 @triton.jit
-def topk_write_kernel(S, STATE, ROWLEN, CNT, OUT, stride_sr, stride_or, n, nseg, top_k,
+def topk_write_kernel(S, HIST, STATE, ROWLEN, CNT, OUT, stride_sr, stride_or, n, nseg, top_k,
                       HAS_LEN: tl.constexpr, SEG: tl.constexpr, BLOCK: tl.constexpr,
                       NAN_HIGH: tl.constexpr):
     """Write the selection of each segment at its place in the ascending output row."""
@@ -392,8 +404,7 @@ def topk_write_kernel(S, STATE, ROWLEN, CNT, OUT, stride_sr, stride_or, n, nseg,
     slot0 = gt_before + tl.minimum(eq_before, need_t) * ties_written
     total = gt_all + tl.minimum(eq_all, need_t) * ties_written
     o_row = OUT + r * stride_or
-    if HAS_LEN:
-        n = tl.minimum(n, tl.load(ROWLEN + r))
+    n = tl.minimum(n, tl.load(ROWLEN + r)) if HAS_LEN else n
     s_row = S + r * stride_sr
     ties = eq_before
     for start in range(seg * SEG, tl.minimum(seg * SEG + SEG, n), BLOCK):
@@ -413,13 +424,21 @@ def topk_write_kernel(S, STATE, ROWLEN, CNT, OUT, stride_sr, stride_or, n, nseg,
         slots = start + tl.arange(0, BLOCK)
         tl.store(o_row + slots, tl.full([BLOCK], -1, tl.int32),
                  mask=(slots >= total) & (slots < tl.minimum(seg * per + per, top_k)))
+    # Leave the row's histograms zeroed for the next use (nothing reads them any more).
+    per_h = tl.cdiv(256 + 4096 + 4096, nseg)
+    h_end = tl.minimum(seg * per_h + per_h, 256 + 4096 + 4096)
+    for start in range(seg * per_h, h_end, BLOCK):
+        words = start + tl.arange(0, BLOCK)
+        tl.store(HIST + r * (256 + 4096 + 4096) + words, tl.zeros([BLOCK], tl.int32),
+                 mask=words < h_end)
 
 
 @dataclass
 class TopkScratch:
     """Device scratch of :func:`decode_topk` for ``rows`` rows of width ``width``:
-    hist (int32 [rows, 8448], zeroed before each use), state (int32 [rows, 8]) and
-    counts (int32 [rows, 2, segments])."""
+    hist (int32 [rows, 8448]: radix histograms; zero between uses -- allocated zeroed,
+    and the last top-k kernel clears it), state (int32 [rows, 8]) and counts (int32
+    [rows, 2, segments])."""
 
     hist: torch.Tensor
     state: torch.Tensor
@@ -428,21 +447,23 @@ class TopkScratch:
 
     @staticmethod
     def allocate(rows: int, width: int, device, seg: int | None = None) -> TopkScratch:
-        seg = seg or topk_segment(width)
+        seg = seg or topk_segment(rows, width)
         nseg = max(1, triton.cdiv(width, seg))
         return TopkScratch(
-            hist=_empty((rows, _HIST), torch.int32, device),
+            hist=torch.zeros((rows, _HIST), dtype=torch.int32, device=device),
             state=_empty((rows, _STATE), torch.int32, device),
             counts=_empty((rows, 2, nseg), torch.int32, device),
             seg=seg,
         )
 
 
-def topk_segment(width: int) -> int:
+def topk_segment(rows: int, width: int) -> int:
     """Keys per top-k program: small rows in few programs, long rows over many SMs."""
     if INTERPRET:
         return 64
-    return 1024 if width <= (1 << 18) else 2048
+    # Measured on an H200 (benchmarks/results/decode_h200.log): B=1 x 128K best at
+    # 512-1024 keys per program, B=8 x 128K at 2048.
+    return max(512, min(4096, triton.next_power_of_2(max(1, rows * width // 512))))
 
 
 def decode_topk(scores: torch.Tensor, top_k: int, row_len: torch.Tensor | None = None,
@@ -457,7 +478,8 @@ def decode_topk(scores: torch.Tensor, top_k: int, row_len: torch.Tensor | None =
         row_len: optional int32 [rows]: row r only has keys 0 .. row_len[r] - 1 (later
             ones are not read and not selected), e.g. q_pos + 1 in decode.
         scratch: a :class:`TopkScratch` for these rows (allocated if None). Its ``hist``
-            must be zero on entry unless ``hist_ready``; it is zeroed here otherwise.
+            is zero between uses (the last kernel clears it); zeroed here again unless
+            ``hist_ready``.
         hist_ready: ``scratch.hist`` already holds the level-1 histograms
             (:func:`decode_index_scores` with ``hist=``).
         out: optional int32 [..., top_k] output, contiguous.
@@ -476,6 +498,8 @@ def decode_topk(scores: torch.Tensor, top_k: int, row_len: torch.Tensor | None =
     o2 = out.view(rows, top_k)
     if rows == 0:
         return out
+    if lk == 0:
+        return out.fill_(-1)
     if scratch is None:
         scratch = TopkScratch.allocate(rows, lk, scores.device)
         hist_ready = False
@@ -497,7 +521,7 @@ def decode_topk(scores: torch.Tensor, top_k: int, row_len: torch.Tensor | None =
                                 LEVEL=level, **common)
     topk_count_kernel[grid](s2, scratch.hist, scratch.state, rl, scratch.counts, s2.stride(0),
                             lk, nseg, **common)
-    topk_write_kernel[grid](s2, scratch.state, rl, scratch.counts, o2, s2.stride(0),
+    topk_write_kernel[grid](s2, scratch.hist, scratch.state, rl, scratch.counts, o2, s2.stride(0),
                             o2.stride(0), lk, nseg, top_k, **common)
     return out
 
@@ -743,12 +767,10 @@ def decode_attention(q, k, v, q_idx, k_idx, w, top_k, scale, q_pos, key_mask=Non
     b, hq, lq, _ = q.shape
     if scratch is None:
         scratch = DecodeScratch.allocate(q, k, v, k_idx, top_k)
-    q_pos = q_pos.to(torch.int32)
-    lk = k_idx.shape[1]
-    torch.clamp(q_pos.reshape(-1) + 1, 0, lk, out=scratch.row_len)
-    scratch.topk.hist.zero_()
+    # The score kernel adds the level-1 histograms to scratch.topk.hist (zero: the last
+    # top-k kernel of the previous step cleared it) and writes the rows' lengths.
     scores = decode_index_scores(q_idx, k_idx, w, q_pos, key_mask, hist=scratch.topk.hist,
-                                 out=scratch.scores)
+                                 row_len=scratch.row_len, out=scratch.scores)
     idx = decode_topk(scores, top_k, scratch.row_len, scratch.topk, hist_ready=True,
                       out=scratch.indices.view(b, lq, top_k))
     out, _lse = decode_sparse_attention(q, k, v, idx.view(b, 1, lq, top_k), scale, softcap,
