@@ -641,3 +641,11 @@ def test_onnx_functions_rank_nan_scores_like_the_reference():
     want = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, top_k, d ** -0.5, True, 0, None,
                                    0.0, 0)
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=0)
+
+
+def test_cli_export_checks_out_before_loading_the_model(tmp_path, capsys):
+    from dsa_compile.onnx.cli import main
+
+    out = tmp_path / "missing" / "model.onnx"
+    assert main(["export", str(tmp_path / "no-model"), "--out", str(out)]) == 1
+    assert "export: the folder" in capsys.readouterr().err and not out.parent.exists()

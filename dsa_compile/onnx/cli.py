@@ -46,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args) -> dict:
     import transformers
 
+    from dsa_compile.files import destination
     from dsa_compile.onnx import export
 
+    destination(args.out, "export")  # a bad --out fails before the model loads
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(
         args.model, torch_dtype=torch.float32, attn_implementation="sdpa", **kwargs).eval()
