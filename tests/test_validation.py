@@ -649,3 +649,20 @@ def test_cli_export_checks_out_before_loading_the_model(tmp_path, capsys):
     out = tmp_path / "missing" / "model.onnx"
     assert main(["export", str(tmp_path / "no-model"), "--out", str(out)]) == 1
     assert "export: the folder" in capsys.readouterr().err and not out.parent.exists()
+
+
+@pytest.mark.filterwarnings("ignore:dsa. inputs shorter than")
+def test_apply_with_another_indexer_shape_raises_until_reset():
+    import models  # tests/ is on sys.path
+
+    import dsa_compile
+    from dsa_compile.indexer import REGISTRY, reset_indexers
+
+    model, x = models.SDPAAttention().eval(), torch.randn(1, 16, 32)
+    dsa_compile.apply(model, (x,), DSAConfig(top_k=16, dense_below=0, index_dim=6))
+    with pytest.raises(ValueError, match="already has an indexer of shape H_I x d_I = 2 x 6"):
+        dsa_compile.apply(model, (x,), DSAConfig(top_k=16, dense_below=0, index_dim=8))
+    assert reset_indexers(model) == [""]  # the root module is the site
+    gm = dsa_compile.apply(model, (x,), DSAConfig(top_k=16, dense_below=0, index_dim=8))
+    assert [ix.index_dim for ix in REGISTRY.indexers_of(model).values()] == [8]
+    torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)  # top_k covers every key
