@@ -182,7 +182,10 @@ def decode_scores_kernel(
 
 
 # Score kernel launch shape (keys per tile, tiles per program, warps, pipeline stages).
-SCORE_CONFIG = {"block_n": 128, "tiles": 1, "num_warps": 4, "num_stages": 1}
+# H200, bf16, 8 x 128 indexer (benchmarks/results/decode_h200.log, run 2): 4 pipelined
+# tiles of 128 keys took 0.0796 ms at B=8 x 128K against 0.0944 ms for one tile per
+# program, and the same at B=1 (0.0138 vs 0.0140 ms).
+SCORE_CONFIG = {"block_n": 128, "tiles": 4, "num_warps": 4, "num_stages": 3}
 
 
 def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_len=None,
