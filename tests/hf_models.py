@@ -31,14 +31,13 @@ FAMILIES = {
 }
 
 
-def tiny_lm(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """A 2-layer random-weight model of ``family`` with attention implementation ``attn``."""
+def tiny_lm(family: str, attn: str = "sdpa", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A random-weight model of ``family`` with attention implementation ``attn``."""
     import transformers
 
     cls_name, config_name, extra = FAMILIES[family]
     cfg = {k: v for k, v in {**_SMALL, **extra}.items() if v is not None}
-    if family == "opt":
-        cfg.pop("num_key_value_heads")
+    cfg["n_layer" if family == "gpt2" else "num_hidden_layers"] = layers
     config = getattr(transformers, config_name)(**cfg)
     config._attn_implementation = attn
     torch.manual_seed(seed)

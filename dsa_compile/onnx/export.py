@@ -51,6 +51,15 @@ class ExportError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 
 
+def _no_general_mask(mask, bias) -> None:
+    if mask is not None or bias is not None:
+        raise ExportError(
+            "a dsa op carries a general attention mask (one the passes could not prove "
+            "causal or key padding, e.g. built from cache_position); the ONNX dsa ops take "
+            "causal + key_mask only. Export without a static cache, or keep that site "
+            "dense with DSAConfig(exclude=[...])")
+
+
 def translation_table(query_chunk: int = functions.DEFAULT_QUERY_CHUNK) -> dict:
     """{torch op overload: trace-only onnxscript translation} for ``torch.onnx.export``.
 
@@ -59,20 +68,24 @@ def translation_table(query_chunk: int = functions.DEFAULT_QUERY_CHUNK) -> dict:
     """
 
     def attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal=True, q_offset=0,
-                  key_mask=None, softcap=0.0, dense_below=0):
+                  key_mask=None, softcap=0.0, dense_below=0, mask=None, bias=None):
+        _no_general_mask(mask, bias)
         mask = () if key_mask is None else (key_mask,)
         return _DSA.Attention(q, k, v, q_idx, k_idx, w, *mask, top_k=int(top_k),
                               scale=float(scale), causal=int(bool(causal)),
                               q_offset=int(q_offset), softcap=float(softcap),
                               dense_below=int(dense_below), query_chunk=query_chunk)
 
-    def indexer_topk(q_idx, k_idx, w, top_k, q_offset=0, causal=True, key_mask=None):
+    def indexer_topk(q_idx, k_idx, w, top_k, q_offset=0, causal=True, key_mask=None,
+                     mask=None):
+        _no_general_mask(mask, None)
         mask = () if key_mask is None else (key_mask,)
         return _DSA.IndexerTopK(q_idx, k_idx, w, *mask, top_k=int(top_k),
                                 q_offset=int(q_offset), causal=int(bool(causal)),
                                 query_chunk=query_chunk)
 
-    def sparse_attention(q, k, v, indices, scale, softcap=0.0):
+    def sparse_attention(q, k, v, indices, scale, softcap=0.0, bias=None):
+        _no_general_mask(None, bias)
         return _DSA.SparseAttention(q, k, v, indices, scale=float(scale),
                                     softcap=float(softcap), query_chunk=query_chunk,
                                     _outputs=2)
