@@ -108,12 +108,15 @@ def select_topk(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     if width == 0:  # no key at all
         return torch.full((*scores.shape[:-1], top_k), -1, dtype=torch.int32,
                           device=scores.device)
-    # topk ranks NaN above everything and the -inf test below would then drop the slot:
-    # a NaN row would select no key at all. The Triton select maps NaN the same way.
-    scores = torch.nan_to_num(scores, nan=torch.finfo(scores.dtype).min, posinf=float("inf"),
-                              neginf=float("-inf"))
     k = min(top_k, width)
     vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
+    # topk ranks NaN above everything (and the -inf test below would then drop the slot, so
+    # a NaN row would select no key): a row holding NaN has one among its top k. Only then
+    # redo, NaN as the lowest finite score, as the Triton select maps it.
+    if bool(vals.isnan().any()):
+        scores = torch.nan_to_num(scores, nan=torch.finfo(scores.dtype).min,
+                                  posinf=float("inf"), neginf=float("-inf"))
+        vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
     kth = vals.min(dim=-1, keepdim=True).values
     # torch.topk breaks ties arbitrarily. A row is exact unless its k-th value is finite
     # and more keys than k reach it; redo only those rows with a stable sort.
