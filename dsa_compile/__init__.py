@@ -9,6 +9,7 @@ Public API (everything else is internal):
 - :func:`apply`, :func:`explain`          the FX passes as a library, and their report
 - :func:`calibrate`                       dense warm-up distillation of the indexers
 - :func:`save_indexers`, :func:`load_indexers`   indexer persistence (safetensors)
+- :func:`reset_indexers`                  forget a model's indexers (to change their shape)
 - :func:`selection_recall`                how much attention the selection captures
 - :func:`fp8_indexer`                     run the CUDA indexer in FP8 inside a block
 - :mod:`dsa_compile.onnx`                 ONNX export and onnxruntime helpers
@@ -30,6 +31,7 @@ _LAZY = {
     "calibrate": "dsa_compile.calibration",
     "save_indexers": "dsa_compile.calibration",
     "load_indexers": "dsa_compile.calibration",
+    "reset_indexers": "dsa_compile.indexer",
     "selection_recall": "dsa_compile.metrics",
 }
 

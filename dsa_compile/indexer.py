@@ -361,7 +361,7 @@ class IndexerRegistry:
                     f"{' (fitted or calibrated)' if found.fitted else ''}, but the config asks "
                     f"for {want[0]} x {want[1]}; leave index_heads / index_dim at None (or "
                     f"set them to {found.index_heads} / {found.index_dim}) to use it, or call "
-                    f"dsa_compile.indexer.reset_indexers(model) to drop the model's indexers "
+                    f"dsa_compile.reset_indexers(model) to drop the model's indexers "
                     f"(their fit and calibration are lost) and compile again")
             return found
         indexer = Indexer(num_q_heads, num_kv_heads, head_dim, config)

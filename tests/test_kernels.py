@@ -283,3 +283,34 @@ def test_gpu_odd_length_1025(dtype):
     ref_out, ref_lse = reference.sparse_attention(q, k, v, sel.unsqueeze(1), d ** -0.5, 0.0)
     assert not out.isnan().any()
     assert rel_err(out, ref_out) < TOL[dtype]
+
+
+@pytest.mark.parametrize("case", ["gqa4-d64-fp32", "mha-per-head-idx", "gqa4-softcap-bf16"])
+def test_sparse_attention_slot_bias_matches_reference(case):
+    """A per-slot additive bias (a carried additive mask, gathered at the selection)."""
+    b, hq, hkv, lq, lk, d, dv, top_k, g, dtype, softcap = SPARSE_CASES[case]
+    q = torch.randn(b, hq, lq, d, device=DEVICE).to(dtype)
+    k = torch.randn(b, hkv, lk, d, device=DEVICE).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, device=DEVICE).to(dtype)
+    idx = random_indices(b, g, lq, lk, top_k).to(DEVICE)
+    bias = torch.randn(idx.shape, device=DEVICE) * 3
+    out, lse = kernels.sparse_attention(q, k, v, idx, d ** -0.5, softcap, bias)
+    ref_out, ref_lse = reference.sparse_attention(q, k, v, idx, d ** -0.5, softcap, bias)
+    plain, _ = reference.sparse_attention(q, k, v, idx, d ** -0.5, softcap)
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(plain, ref_out) > 10 * TOL[dtype]  # the bias really moved the result
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+
+
+@pytest.mark.parametrize("case", ["chunk-prefill-offset", "batch-key-mask", "non-causal-d128"])
+def test_indexer_topk_general_mask_matches_reference(case):
+    b, lq, lk, h, d, top_k, q_offset, causal, masked = INDEXER_CASES[case]
+    q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, h, d, torch.float32)
+    key_mask = _key_mask(b, lk) if masked else None
+    mask = torch.rand(b, lq, lk, device=DEVICE) > 0.5
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask, mask=mask)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask, mask)
+    assert torch.equal(got, ref)
+    picked = got.clamp_min(0).long()
+    allowed = torch.gather(mask, 2, picked) | (got < 0)
+    assert allowed.all()  # a masked key is never selected

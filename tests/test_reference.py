@@ -198,3 +198,34 @@ def test_value_head_size_may_differ(path, monkeypatch):
     assert out.shape == (1, 4, 9, 32)
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_general_mask_and_bias_cover_every_visible_key_equals_dense():
+    """dsa.attention with a carried bool mask and an additive bias equals dense attention
+    (with the same mask and bias) when top_k covers every key; masked keys never count."""
+    torch.manual_seed(0)
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 13, 29, 16
+    q, k, v = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d), torch.randn(b, hkv, lk, d)
+    q_idx, k_idx, w = torch.randn(b, lq, 2, 8), torch.randn(b, lk, 8), torch.rand(b, lq, 2)
+    mask = torch.rand(1, lq, lk) > 0.3
+    bias = torch.randn(b, lq, lk).masked_fill(torch.rand(b, lq, lk) > 0.7, -1e9)
+    scale = d ** -0.5
+    got = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, 64, scale, False, 0, None, 0.0, 0,
+                                  mask=mask, bias=bias)
+    want, _ = reference.dense_attention(q, k, v, scale, False, 0, None, 0.0, mask, bias)
+    rows = (mask & (bias > -1e4)).any(-1)  # rows with a visible key (others: dense's choice)
+    torch.testing.assert_close(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows],
+                               atol=1e-5, rtol=1e-5)
+    sparse = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, 3, scale, False, 0, None, 0.0,
+                                     0, mask=mask, bias=bias)
+    assert (sparse - got).abs().max() > 1e-3
+
+
+def test_general_mask_shape_errors_say_what_to_do():
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8)
+    q_idx, k_idx, w = torch.randn(2, 5, 2, 4), torch.randn(2, 7, 4), torch.rand(2, 5, 2)
+    bad = torch.ones(2, 4, 5, 7, dtype=torch.bool)
+    with pytest.raises(ValueError, match="one pattern for all heads"):
+        torch.ops.dsa.attention(q, k, k, q_idx, k_idx, w, 4, 1.0, mask=bad.flatten(0, 1))
+    with pytest.raises(ValueError, match="mask has dtype"):
+        torch.ops.dsa.attention(q, k, k, q_idx, k_idx, w, 4, 1.0, mask=torch.ones(2, 5, 7))

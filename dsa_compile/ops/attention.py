@@ -21,7 +21,7 @@ from dsa_compile.ops.checks import (
     check_attention_args,
     check_general_masks,
     check_indexer_args,
-    check_same_device,
+    check_same_device_groups,
 )
 from dsa_compile.reference.dense import MASKED_BIAS
 
@@ -149,7 +149,9 @@ def _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_b
            bias):
     check_attention_args("attention", q, k, v, softcap)
     check_indexer_args("attention", q_idx, k_idx, w, top_k, q_offset, key_mask)
-    check_same_device("attention", q=q, q_idx=q_idx)
+    check_same_device_groups("attention", {"q": q, "k": k, "v": v},
+                             {"q_idx": q_idx, "k_idx": k_idx, "w": w, "key_mask": key_mask,
+                              "mask": mask, "bias": bias})
     check(
         q_idx.shape[:2] == (q.shape[0], q.shape[2]) and k_idx.shape[1] == k.shape[2],
         "attention",
@@ -227,11 +229,14 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     q, k, v, q_idx, k_idx, w = ctx.saved_tensors
+    nones = [None] * (_TENSOR_ARGS - 3 + len(ctx.rest))
+    if q.shape[2] == 0 or k.shape[2] == 0:  # the forward returned constant zeros
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), *nones
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = _attention(*leaves, q_idx, k_idx, w, *ctx.rest)
         dq, dk, dv = torch.autograd.grad(out, leaves, grad)
-    return dq, dk, dv, *([None] * (_TENSOR_ARGS - 3 + len(ctx.rest)))
+    return dq, dk, dv, *nones
 
 
 attention.register_autograd(_backward, setup_context=_setup)
