@@ -182,10 +182,13 @@ def decode_scores_kernel(
 
 
 # Score kernel launch shape (keys per tile, tiles per program, warps, pipeline stages).
-# H200, bf16, 8 x 128 indexer (benchmarks/results/decode_h200.log, run 2): 4 pipelined
-# tiles of 128 keys took 0.0796 ms at B=8 x 128K against 0.0944 ms for one tile per
-# program, and the same at B=1 (0.0138 vs 0.0140 ms).
+# H200, bf16, 8 x 128 indexer (benchmarks/results/decode_h200.log): 4 pipelined tiles
+# of 128 keys per program took 0.0799 ms at B=8 x 128K against 0.0945 ms for one tile
+# (runs 3 and 2), and were better from B * Lk = 256K keys on (32K x 8, 8K x 32), worse
+# below (fewer programs than SMs: 32K x 1 0.0095 vs 0.0059 ms), equal at 128K x 1.
 SCORE_CONFIG = {"block_n": 128, "tiles": 4, "num_warps": 4, "num_stages": 3}
+SCORE_CONFIG_SMALL = {"block_n": 128, "tiles": 1, "num_warps": 4, "num_stages": 1}
+SCORE_SMALL_KEYS = 1 << 18  # B * Lk below this takes SCORE_CONFIG_SMALL
 
 
 def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_len=None,
@@ -205,6 +208,8 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_le
             level-1 radix histogram of each row (used by :func:`decode_topk`); then
             ``row_len`` (int32 [B * Lq]) receives clamp(q_pos + 1, 0, Lk) too.
         out: optional float32 [B, Lq, Lk] contiguous output.
+        config: optional launch shape overriding SCORE_CONFIG (block_n, tiles,
+            num_warps, num_stages), for tuning.
 
     Returns:
         float32 [B, Lq, Lk], -inf where the key is not visible.
@@ -224,7 +229,8 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_le
     km = out if key_mask is None else key_mask.contiguous().view(torch.uint8)
     block_t = triton.next_power_of_2(lq)
     block_h = max(triton.next_power_of_2(h), 16 // block_t)  # tl.dot needs M >= 16
-    cfg = dict(SCORE_CONFIG, **(config or {}))
+    base = SCORE_CONFIG if b * lk >= SCORE_SMALL_KEYS else SCORE_CONFIG_SMALL
+    cfg = dict(base, **(config or {}))
     block_n, tiles = (32, 2) if INTERPRET else (cfg["block_n"], cfg["tiles"])
     if hist is not None and row_len is None:
         raise ValueError("decode_index_scores: hist needs row_len")
