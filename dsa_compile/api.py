@@ -21,6 +21,7 @@ from torch import fx, nn
 from dsa_compile.config import DSAConfig
 from dsa_compile.passes import SiteRecord, run_passes
 from dsa_compile.passes.fit import fit_new_indexers
+from dsa_compile.passes.masks import StateGuard
 from dsa_compile.passes.normalize import val
 
 
@@ -187,8 +188,11 @@ def apply(model_or_graph_module, example_args, config: DSAConfig | None = None) 
     config = DSAConfig.from_options(config)
     gm, args, kwargs, notes = _capture(model_or_graph_module, example_args)
     params = _params(gm, model_or_graph_module)
-    records = run_passes(gm, config, params, lookup=_lookup(gm))
+    guard = StateGuard(_lookup(gm))
+    records = run_passes(gm, config, params, lookup=guard)
     gm.dsa_report = Report(records, notes)
+    if guard.watching:  # a causal-mask buffer was trusted by its value: watch it
+        gm.register_forward_pre_hook(lambda module, args: _check_state(guard))
     if any(r.rewritten for r in records):
         flat = torch.utils._pytree.tree_leaves((args, kwargs))
 
@@ -198,6 +202,12 @@ def apply(model_or_graph_module, example_args, config: DSAConfig | None = None) 
 
         fit_new_indexers(gm, run, flat, aligned=False)
     return gm
+
+
+def _check_state(guard: StateGuard) -> None:
+    if guard.changed():
+        raise ValueError("a buffer that dsa.apply proved to be a causal mask was changed in "
+                         "place since; run dsa_compile.apply again on the changed model")
 
 
 def explain(model, example_args, config: DSAConfig | None = None) -> Report:

@@ -108,6 +108,17 @@ def test_changed_causal_buffer_falls_back_to_dense():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_apply_refuses_to_run_after_its_causal_buffer_changed():
+    model = CausalSelfAttention().eval()
+    x = torch.randn(2, 40, 32)
+    gm = dsa_compile.apply(model, (x,), dsa_compile.DSAConfig(**EXACT))
+    with torch.no_grad():
+        gm(x)
+        model.bias.copy_(torch.ones_like(model.bias))
+        with pytest.raises(ValueError, match="run dsa_compile.apply again"):
+            gm(x)
+
+
 def test_unchanged_buffer_write_keeps_the_rewrite():
     """Writing the same causal pattern again (e.g. load_state_dict) keeps DSA."""
     model = CausalSelfAttention().eval()
