@@ -136,6 +136,10 @@ def _check_dsa_node(node: onnx.NodeProto, where: str) -> None:
         ok, rule = _ATTRIBUTE_RULES[name]
         if not ok(value):
             raise ValueError(f"{what} has {name} = {value}, which must be {rule}; {redo}")
+    if functions.optional_inputs(node)[1] and "q_offset" in attrs and \
+            onnx.helper.get_attribute_value(attrs["q_offset"]) != 0:
+        raise ValueError(f"{what} has both a q_offset input and a non-zero q_offset "
+                         f"attribute (the input replaces the attribute); {redo}")
 
 
 def _check_dsa_functions(model: onnx.ModelProto, meta: dict[str, str], where: str) -> None:

@@ -393,7 +393,8 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.PathLike,
            config: DSAConfig | dict | None = None, dynamic: bool = True,
-           query_chunk: int | None = None) -> onnx.ModelProto:
+           query_chunk: int | None = None, past: bool = False, dense: bool = False,
+           logits: str = "all") -> onnx.ModelProto:
     """Export a DSA model to ``path`` as one ONNX file that stock onnxruntime runs.
 
     Args:
@@ -410,6 +411,14 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
             example dimension: give a batch of 2 to keep the batch dynamic.
         query_chunk: query rows per Loop iteration in the dsa function bodies (memory/speed
             knob; default functions.DEFAULT_QUERY_CHUNK).
+        past: write a decoder with state instead (:mod:`dsa_compile.onnx.decoder`): inputs
+            input_ids, attention_mask, position_ids and past_key_values.{i}.key / .value /
+            .index_key, outputs logits and present.*; one file for prefill and decode.
+            ``model`` is then a Hugging Face Llama-family causal LM and ``example_args``
+            its example input_ids (for the indexers); ``dynamic`` is ignored (always).
+        dense: with past=True, opset-23 ``Attention`` with past state instead of DSA (the
+            dense baseline; no dsa node, so :func:`verify` refuses it).
+        logits: with past=True, "all" ([B, L, V]) or "last" ([B, 1, V]).
 
     Returns:
         The saved ModelProto.
@@ -430,6 +439,11 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
         raise ValueError(f"query_chunk must be a positive int, got {query_chunk!r}")
     if isinstance(example_args, torch.Tensor):
         example_args = (example_args,)
+    if past:
+        return _export_decoder(model, example_args, target, config, dense, logits,
+                               query_chunk or functions.DEFAULT_QUERY_CHUNK)
+    if dense:
+        raise ValueError("dense=True needs past=True (the dense decoder baseline)")
     was_training = model.training
     model.eval()
     try:
@@ -453,3 +467,25 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
         model.train(was_training)
     save_atomic(model_proto, target)
     return model_proto
+
+
+def _export_decoder(model, example_args, target, config, dense, logits, query_chunk):
+    from dsa_compile.onnx.decoder import DecoderExportError, build_decoder
+
+    if isinstance(example_args, dict):
+        ids = example_args.get("input_ids")
+    else:
+        ids = example_args[0] if len(example_args) else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            proto = build_decoder(model, config, dense, ids, query_chunk, logits)
+        proto = finish_model(proto, None if dense else (config or DSAConfig()),
+                             "decoder_dense" if dense else "decoder")
+    except DecoderExportError as err:
+        raise ExportError(str(err)) from err
+    finally:
+        model.train(was_training)
+    save_atomic(proto, target)
+    return proto

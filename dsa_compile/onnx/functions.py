@@ -32,6 +32,14 @@ input is absent (the body cannot branch on it), so ``dsa.Attention`` and
 ``overload``: "" without the input, KEY_MASK_OVERLOAD with it. The exporter sets the
 node's overload to match (:func:`overload_of`).
 
+Decoders need the query offset (the past length) at run time, not as the static
+``q_offset`` attribute: both ops take an optional last input ``q_offset`` (int64 [] or
+[1], the attribute must then be 0), which gives two more overloads, Q_OFFSET_OVERLOAD and
+KEY_MASK_Q_OFFSET_OVERLOAD. Their bodies also size the query chunk to the rows (a decode
+step is one row, not a padded chunk) and let short chunks gather the selected rows
+(MASKED_DENSE_MIN_ROWS). The bodies of the first two overloads are unchanged, so files
+written before keep verifying.
+
 Attributes are read through top-level ``Constant`` nodes that reference the function's
 attributes, and the Loop bodies use those outer-scope values, so no attribute
 reference sits inside a subgraph.
@@ -48,8 +56,16 @@ from onnx import AttributeProto, TensorProto, helper
 DOMAIN = "dsa"
 VERSION = 1
 ONNX_OPSET = 23
-# Function overload of the bodies that take the optional key_mask input.
+# Function overloads of the bodies that take the optional inputs: key_mask, the runtime
+# q_offset (int64 [] or [1]; a decoder's past length), or both.
 KEY_MASK_OVERLOAD = "key_mask"
+Q_OFFSET_OVERLOAD = "q_offset"
+KEY_MASK_Q_OFFSET_OVERLOAD = "key_mask+q_offset"
+
+# With a runtime q_offset (decoders), chunks of fewer rows than this always gather the
+# selected K/V rows instead of taking the masked-dense path: a decode step (one row)
+# then reads top_k rows per KV head, not the whole cache.
+MASKED_DENSE_MIN_ROWS = 16
 
 # Query rows per Loop iteration unless the node says otherwise (attribute query_chunk).
 # Measured on onnxruntime CPU at L = 8192, top_k = 512: 32 -> 1.52 s, 64 -> 1.36 s,
@@ -420,15 +436,21 @@ def _keep(b: _Body, ins: dict) -> str | None:
 
 
 def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: str,
-                  sparse: bool) -> str:
+                  sparse: bool, decode: bool = False) -> str:
     """Attention of query rows first..end, ``query_chunk`` rows per Loop iteration.
 
     sparse=False: every row attends to all keys it can see (DSA's dense rows). sparse=True:
     DSA (indexer -> TopK -> sparse attention), except in chunks whose rows see at most
     top_k keys, which select all of them. Returns [B, Hq, end - first, Dv].
+
+    decode=True (the runtime-q_offset overloads): a chunk is never longer than the rows
+    (a one-token step is one row, not a padded chunk), and chunks of fewer than
+    MASKED_DENSE_MIN_ROWS rows gather their selected keys.
     """
     q, k, v = ins["q"], ins["k"], ins["v"]
     rows = b.op("Sub", end, first)
+    if decode:
+        a = {**a, "query_chunk": b.op("Max", b.op("Min", a["query_chunk"], rows), b.const([1]))}
     trips, padded = _chunk_count(b, rows, a["query_chunk"])
     extra = b.op("Sub", padded, rows)
     qs = _pad_rows(b, b.slice(q, first, end, 2), 2, 4, extra)
@@ -471,6 +493,10 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
                 return _masked_dense_chunk(s, qc, k, v, idx, valid, lk_vis, a["softcap"])
 
             short = sub.op("LessOrEqual", lk_vis, sub.const([GATHER_ABOVE_KEYS]))
+            if decode:
+                tall = sub.op("GreaterOrEqual", a["query_chunk"],
+                              sub.const([MASKED_DENSE_MIN_ROWS]))
+                short = sub.op("And", short, tall)
             out = _if(sub, short, masked_dense, gathered)
             if keep is None:
                 return out
@@ -486,26 +512,37 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
     return _ungroup(b, dims, scanned, padded, rows, dims.dv)
 
 
-def _inputs(names: list[str], key_mask: bool) -> list[str]:
-    return [*names, "key_mask"] if key_mask else list(names)
+def _inputs(names: list[str], key_mask: bool, q_offset: bool = False) -> list[str]:
+    return [*names, *(["key_mask"] if key_mask else []), *(["q_offset"] if q_offset else [])]
+
+
+def _runtime_offset(b: _Body, a: dict, q_offset: bool) -> dict:
+    """With the q_offset input, it replaces the attribute (which must then be 0)."""
+    if not q_offset:
+        return a
+    return {**a, "q_offset": b.op("Reshape", b.op("Cast", "q_offset", to=TensorProto.INT64),
+                                  b.const([1]))}
 
 
 _ATTENTION_ATTRS = {"top_k": "int", "scale": "float", "causal": "int", "q_offset": "int",
                     "softcap": "float", "dense_below": "int", "query_chunk": "int"}
 
 
-def attention_function(key_mask: bool = False) -> onnx.FunctionProto:
-    """``dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask]) -> out``: one site's DSA attention.
+def attention_function(key_mask: bool = False, q_offset: bool = False) -> onnx.FunctionProto:
+    """``dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask][, q_offset]) -> out``: one site's
+    DSA attention.
 
     Same semantics as ``torch.ops.dsa.attention``: the leading queries with at most
     max(top_k, dense_below) visible keys (dense_below > 0) take exact attention, the rest
     indexer top-k + sparse attention. With ``key_mask`` the body takes a 7th input and is
-    the KEY_MASK_OVERLOAD overload.
+    the KEY_MASK_OVERLOAD overload; with ``q_offset`` (int64, query 0's absolute position
+    at run time, e.g. a decoder's past length) the Q_OFFSET_OVERLOAD or
+    KEY_MASK_Q_OFFSET_OVERLOAD overload.
     """
     b = _Body("attn")
-    names = _inputs(["q", "k", "v", "q_idx", "k_idx", "w"], key_mask)
+    names = _inputs(["q", "k", "v", "q_idx", "k_idx", "w"], key_mask, q_offset)
     ins = {n: n for n in names}
-    a = _attributes(b, _ATTENTION_ATTRS)
+    a = _runtime_offset(b, _attributes(b, _ATTENTION_ATTRS), q_offset)
     dims = _Dims(b, "q", "k", "v")
     zero = b.const([0])
     threshold = b.op("Where", b.op("Greater", a["dense_below"], zero),
@@ -516,10 +553,10 @@ def attention_function(key_mask: bool = False) -> onnx.FunctionProto:
     n_dense = b.op("Where", causal, n_causal, n_full)
 
     def dense(sub: _Body, end: str) -> str:
-        return _chunked_rows(sub, dims, ins, a, zero, end, sparse=False)
+        return _chunked_rows(sub, dims, ins, a, zero, end, sparse=False, decode=q_offset)
 
     def sparse(sub: _Body, first: str) -> str:
-        return _chunked_rows(sub, dims, ins, a, first, dims.lq, sparse=True)
+        return _chunked_rows(sub, dims, ins, a, first, dims.lq, sparse=True, decode=q_offset)
 
     def mixed(sub: _Body) -> str:
         return sub.op("Concat", dense(sub, n_dense), sparse(sub, n_dense), axis=2)
@@ -529,18 +566,19 @@ def attention_function(key_mask: bool = False) -> onnx.FunctionProto:
 
     out = _if(b, b.op("Equal", n_dense, dims.lq), lambda s: dense(s, dims.lq), sparse_or_mixed)
     b.nodes.append(helper.make_node("Identity", [out], ["out"]))
-    return _function("Attention", names, ["out"], b, _ATTENTION_ATTRS, key_mask)
+    return _function("Attention", names, ["out"], b, _ATTENTION_ATTRS, key_mask, q_offset)
 
 
 _INDEXER_ATTRS = {"top_k": "int", "q_offset": "int", "causal": "int", "query_chunk": "int"}
 
 
-def indexer_topk_function(key_mask: bool = False) -> onnx.FunctionProto:
-    """``dsa.IndexerTopK(q_idx, k_idx, w[, key_mask]) -> indices`` int32 [B, Lq, top_k]
-    (ascending, -1 pad); with ``key_mask`` the KEY_MASK_OVERLOAD overload."""
+def indexer_topk_function(key_mask: bool = False, q_offset: bool = False) -> onnx.FunctionProto:
+    """``dsa.IndexerTopK(q_idx, k_idx, w[, key_mask][, q_offset]) -> indices`` int32
+    [B, Lq, top_k] (ascending, -1 pad); the overload names which optional inputs it takes
+    (as :func:`attention_function`)."""
     b = _Body("topk")
-    names = _inputs(["q_idx", "k_idx", "w"], key_mask)
-    a = _attributes(b, _INDEXER_ATTRS)
+    names = _inputs(["q_idx", "k_idx", "w"], key_mask, q_offset)
+    a = _runtime_offset(b, _attributes(b, _INDEXER_ATTRS), q_offset)
     zero = b.const([0])
     lq = b.dim("q_idx", 1)
     lk = b.dim("k_idx", 1)
@@ -567,7 +605,7 @@ def indexer_topk_function(key_mask: bool = False) -> onnx.FunctionProto:
     x = b.op("Transpose", scanned, perm=[1, 0, 2, 3])
     x = b.op("Reshape", x, b.cat(b.dim("q_idx", 0), padded, a["top_k"]))
     b.nodes.append(helper.make_node("Slice", [x, zero, lq, b.const([1])], ["indices"]))
-    return _function("IndexerTopK", names, ["indices"], b, _INDEXER_ATTRS, key_mask)
+    return _function("IndexerTopK", names, ["indices"], b, _INDEXER_ATTRS, key_mask, q_offset)
 
 
 _SPARSE_ATTRS = {"scale": "float", "softcap": "float", "query_chunk": "int"}
@@ -607,11 +645,12 @@ ATTRIBUTE_DEFAULTS = {"causal": 1, "q_offset": 0, "softcap": 0.0, "dense_below":
 
 
 def _function(name: str, inputs: list[str], outputs: list[str], b: _Body,
-              attrs: dict[str, str], key_mask: bool = False) -> onnx.FunctionProto:
+              attrs: dict[str, str], key_mask: bool = False,
+              q_offset: bool = False) -> onnx.FunctionProto:
     required = [a for a in attrs if a not in ATTRIBUTE_DEFAULTS]
     defaults = [helper.make_attribute(a, ATTRIBUTE_DEFAULTS[a]) for a in attrs
                 if a in ATTRIBUTE_DEFAULTS]
-    overload = KEY_MASK_OVERLOAD if key_mask else None
+    overload = _OVERLOADS[key_mask, q_offset] or None
     return helper.make_function(DOMAIN, name, inputs, outputs, b.nodes,
                                 [helper.make_opsetid("", ONNX_OPSET)], attributes=required,
                                 attribute_protos=defaults, overload=overload,
@@ -620,25 +659,37 @@ def _function(name: str, inputs: list[str], outputs: list[str], b: _Body,
 
 
 # Inputs and outputs of each op as in the schemas; ops in _KEY_MASK_OPS also take an
-# optional trailing key_mask.
+# optional key_mask and then an optional q_offset.
 _SIGNATURES = {
     "Attention": (["q", "k", "v", "q_idx", "k_idx", "w"], ["out"]),
     "IndexerTopK": (["q_idx", "k_idx", "w"], ["indices"]),
     "SparseAttention": (["q", "k", "v", "indices"], ["out", "lse"]),
 }
 _KEY_MASK_OPS = {"Attention": attention_function, "IndexerTopK": indexer_topk_function}
+# (has key_mask, has q_offset) -> overload name, and back.
+_OVERLOADS = {(False, False): "", (True, False): KEY_MASK_OVERLOAD,
+              (False, True): Q_OFFSET_OVERLOAD, (True, True): KEY_MASK_Q_OFFSET_OVERLOAD}
+_OPTIONAL_OF = {name: flags for flags, name in _OVERLOADS.items()}
+
+
+def optional_inputs(node: onnx.NodeProto) -> tuple[bool, bool]:
+    """(given a key_mask, given a q_offset): the node's optional inputs past the schema's
+    required ones (an empty name is an absent input)."""
+    required = len(_SIGNATURES[node.op_type][0])
+    rest = list(node.input[required:]) + ["", ""]
+    if node.op_type not in _KEY_MASK_OPS:
+        return False, False
+    return bool(rest[0]), bool(rest[1])
 
 
 def overload_of(node: onnx.NodeProto) -> str:
-    """The function overload a ``dsa`` node needs: KEY_MASK_OVERLOAD when it is given a
-    key_mask (an input past the schema's required ones), else ""."""
-    required = len(_SIGNATURES[node.op_type][0])
-    given = [name for name in node.input[required:] if name]
-    return KEY_MASK_OVERLOAD if given and node.op_type in _KEY_MASK_OPS else ""
+    """The function overload a ``dsa`` node needs: "" (no optional input),
+    KEY_MASK_OVERLOAD, Q_OFFSET_OVERLOAD or KEY_MASK_Q_OFFSET_OVERLOAD."""
+    return _OVERLOADS[optional_inputs(node)]
 
 
 def function(op: str, overload: str = "") -> onnx.FunctionProto:
-    """The FunctionProto of ``dsa.<op>`` with the given overload ("" or KEY_MASK_OVERLOAD).
+    """The FunctionProto of ``dsa.<op>`` with the given overload (see :func:`overload_of`).
 
     Raises:
         ValueError: an unknown op, or an op without that overload.
@@ -648,38 +699,45 @@ def function(op: str, overload: str = "") -> onnx.FunctionProto:
     if overload == "":
         return {"Attention": attention_function, "IndexerTopK": indexer_topk_function,
                 "SparseAttention": sparse_attention_function}[op]()
-    if overload == KEY_MASK_OVERLOAD and op in _KEY_MASK_OPS:
-        return _KEY_MASK_OPS[op](key_mask=True)
+    if overload in _OPTIONAL_OF and op in _KEY_MASK_OPS:
+        key_mask, q_offset = _OPTIONAL_OF[overload]
+        return _KEY_MASK_OPS[op](key_mask=key_mask, q_offset=q_offset)
     raise ValueError(f"dsa.{op} has no function overload {overload!r}")
 
 
 def all_functions() -> dict[tuple[str, str], onnx.FunctionProto]:
     """{(op name, overload): FunctionProto} for every dsa op and overload."""
-    pairs = [(op, "") for op in _SIGNATURES] + [(op, KEY_MASK_OVERLOAD) for op in _KEY_MASK_OPS]
+    pairs = [(op, "") for op in _SIGNATURES] + [(op, overload) for op in _KEY_MASK_OPS
+                                                for overload in _OPTIONAL_OF if overload]
     return {(op, overload): function(op, overload) for op, overload in pairs}
 
 
-def op_model(op: str, key_mask: bool = False, **attrs) -> onnx.ModelProto:
+def op_model(op: str, key_mask: bool = False, q_offset_input: bool = False,
+             **attrs) -> onnx.ModelProto:
     """A model of one ``dsa.<op>`` node with its function: for tests and benchmarks.
 
     Inputs and outputs are named as in the schema: float32 tensors, ``indices`` int32
     (SparseAttention's input, IndexerTopK's output), ``key_mask`` bool [B, Lk] (an
-    extra input with ``key_mask=True``); ``lse`` float32; all dims dynamic.
+    extra input with ``key_mask=True``), ``q_offset`` int64 [] (with
+    ``q_offset_input=True``); ``lse`` float32; all dims dynamic.
     """
     inputs, outputs = _SIGNATURES[op]
-    if key_mask:
-        if op not in _KEY_MASK_OPS:
-            raise ValueError(f"dsa.{op} takes no key_mask")
-        inputs = [*inputs, "key_mask"]
+    if (key_mask or q_offset_input) and op not in _KEY_MASK_OPS:
+        raise ValueError(f"dsa.{op} takes no key_mask or q_offset input")
+    if key_mask or q_offset_input:
+        inputs = [*inputs, "key_mask" if key_mask else ""]
+    if q_offset_input:
+        inputs = [*inputs, "q_offset"]
     attrs.setdefault("query_chunk", DEFAULT_QUERY_CHUNK)
-    types = {"indices": TensorProto.INT32, "key_mask": TensorProto.BOOL}
+    types = {"indices": TensorProto.INT32, "key_mask": TensorProto.BOOL,
+             "q_offset": TensorProto.INT64}
 
     def info(name: str) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None)
 
     node = helper.make_node(op, inputs, outputs, domain=DOMAIN, **attrs)
     node.overload = overload_of(node)
-    graph = helper.make_graph([node], f"dsa_{op}", [info(n) for n in inputs],
+    graph = helper.make_graph([node], f"dsa_{op}", [info(n) for n in inputs if n],
                               [info(n) for n in outputs])
     return helper.make_model(
         graph, functions=[function(op, node.overload)], ir_version=10,

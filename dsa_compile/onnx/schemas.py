@@ -5,16 +5,20 @@ With these registered, ``onnx.checker.check_model(full_check=True)`` and
 onnxruntime does not need them: it runs the model-local functions of
 :mod:`dsa_compile.onnx.functions`.
 
-    dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask]) -> out
+    dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask][, q_offset]) -> out
         q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv],
         q_idx [B, Lq, H_I, d_I], k_idx [B, Lk, d_I], w [B, Lq, H_I],
-        key_mask bool [B, Lk] (optional, True = the key exists) -> out [B, Hq, Lq, Dv]
-    dsa.IndexerTopK(q_idx, k_idx, w[, key_mask]) -> indices int32 [B, Lq, top_k]
+        key_mask bool [B, Lk] (optional, True = the key exists),
+        q_offset int64 [] or [1] (optional, runtime position of query 0)
+        -> out [B, Hq, Lq, Dv]
+    dsa.IndexerTopK(q_idx, k_idx, w[, key_mask][, q_offset]) -> indices int32 [B, Lq, top_k]
     dsa.SparseAttention(q, k, v, indices [B, G, Lq, K]) -> out [B, Hq, Lq, Dv],
                                                            lse float [B, Hq, Lq]
 
-A node given a key_mask runs the function overload ``key_mask`` (see
-:mod:`dsa_compile.onnx.functions`); the schema is the same.
+A node given a key_mask and/or a q_offset input runs the function overload that takes
+them (``key_mask``, ``q_offset``, ``key_mask+q_offset``; see
+:mod:`dsa_compile.onnx.functions`); the schema is the same. Files written before the
+q_offset input existed validate unchanged (it is a trailing optional input).
 
 Registration is explicit (:func:`register_schemas`, idempotent) so importing the
 package changes no global onnx state.
@@ -38,6 +42,13 @@ def _key_mask_param() -> defs.OpSchema.FormalParameter:
     return _Param("key_mask", "tensor(bool)",
                   "[B, Lk], True where the key exists (padding = False); hidden keys are "
                   "never selected nor attended, a query without any key outputs 0",
+                  param_option=defs.OpSchema.FormalParameterOption.Optional)
+
+
+def _q_offset_param() -> defs.OpSchema.FormalParameter:
+    return _Param("q_offset", "tensor(int64)",
+                  "[] or [1], absolute position of query 0 at run time (a decoder's past "
+                  "length); replaces the q_offset attribute, which must then be 0",
                   param_option=defs.OpSchema.FormalParameterOption.Optional)
 
 
@@ -106,7 +117,7 @@ def _attention_schema() -> defs.OpSchema:
         inputs=[_Param("q", "T", "[B, Hq, Lq, D]"), _Param("k", "T", "[B, Hkv, Lk, D]"),
                 _Param("v", "T", "[B, Hkv, Lk, Dv]"), _Param("q_idx", "T", "[B, Lq, H_I, d_I]"),
                 _Param("k_idx", "T", "[B, Lk, d_I]"), _Param("w", "T", "[B, Lq, H_I]"),
-                _key_mask_param()],
+                _key_mask_param(), _q_offset_param()],
         outputs=[_Param("out", "T", "[B, Hq, Lq, Dv]")],
         type_constraints=[("T", _FLOATS, "float tensors")],
         attributes=[
@@ -132,7 +143,7 @@ def _indexer_topk_schema() -> defs.OpSchema:
         "ReLU(q_idx[t, j] . k_idx[s]); ascending key order, -1 in unused slots, ties to the "
         "smaller key index; keys hidden by key_mask are never selected.",
         inputs=[_Param("q_idx", "T", "[B, Lq, H_I, d_I]"), _Param("k_idx", "T", "[B, Lk, d_I]"),
-                _Param("w", "T", "[B, Lq, H_I]"), _key_mask_param()],
+                _Param("w", "T", "[B, Lq, H_I]"), _key_mask_param(), _q_offset_param()],
         outputs=[_Param("indices", "tensor(int32)", "[B, Lq, top_k]")],
         type_constraints=[("T", _FLOATS, "float tensors")],
         attributes=[
