@@ -16,6 +16,8 @@ runs it; everything else is standard opset 23.
 - :func:`verify`        check a file is a dsa_compile export and passes the full checker
 - :func:`load_session`  onnxruntime InferenceSession of a verified file
 - :func:`run`           run a session (or path) on torch / numpy inputs
+- :func:`generate`      greedy / sampled generation with a decoder file (``export(...,
+  past=True)``) on onnxruntime, numpy only (:mod:`.generation`; :mod:`.decoder` writes it)
 - :func:`dsa_compile.onnx.microsoft.to_microsoft`  optional onnxruntime-gpu target
   (com.microsoft DynamicSparseAttention; schema-checked only, no CPU kernel exists)
 """
@@ -34,23 +36,25 @@ import onnx
 
 from dsa_compile.onnx import functions, schemas
 from dsa_compile.onnx.export import (
+    CausalLMLogits,
+    ExportError,
+    SDPAOverrideDSA,
+    export,
+    translation_table,
+)
+from dsa_compile.onnx.generation import generate
+from dsa_compile.onnx.markers import (
     META_CONFIG,
     META_FUNCTIONS,
     META_REWRITE,
     META_VERSION,
     PRODUCER,
-    CausalLMLogits,
-    ExportError,
-    SDPAOverrideDSA,
-    export,
     functions_digest,
-    translation_table,
 )
 from dsa_compile.onnx.schemas import register_schemas
 
-__all__ = ["CausalLMLogits", "ExportError", "SDPAOverrideDSA", "export", "load_session",
-           "register_schemas", "run", "translation_table", "verify"]
-
+__all__ = ["CausalLMLogits", "ExportError", "SDPAOverrideDSA", "export", "generate",
+           "load_session", "register_schemas", "run", "translation_table", "verify"]
 
 def _load(path_or_model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(path_or_model, onnx.ModelProto):

@@ -12,7 +12,6 @@ ONNX (opset 23). The file runs on a stock onnxruntime through the function bodie
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import os
@@ -29,15 +28,18 @@ import dsa_compile
 from dsa_compile.config import DSAConfig
 from dsa_compile.files import destination, write_atomic
 from dsa_compile.onnx import functions
-from dsa_compile.onnx.schemas import register_schemas
 
-# Markers that make a file recognisably ours (see dsa_compile.onnx.verify).
-PRODUCER = "dsa_compile"
-META_VERSION = "dsa_compile.version"
-META_CONFIG = "dsa_compile.config"
-META_REWRITE = "dsa_compile.rewrite"
-META_FUNCTIONS = "dsa_compile.functions_sha256"  # content check of the dsa function bodies
-IR_VERSION = 10  # the newest IR onnxruntime 1.2x/1.3x loads
+# Markers that make a file recognisably ours (see dsa_compile.onnx.verify); re-exported.
+from dsa_compile.onnx.markers import (  # noqa: F401
+    IR_VERSION,
+    META_CONFIG,
+    META_FUNCTIONS,
+    META_REWRITE,
+    META_VERSION,
+    PRODUCER,
+    functions_digest,
+)
+from dsa_compile.onnx.schemas import register_schemas
 
 _DSA = Opset(functions.DOMAIN, functions.VERSION)
 
@@ -342,16 +344,6 @@ def to_dsa_program(model: torch.nn.Module, example_args: Sequence[Any],
             "the DSA rewrite found no attention site to convert; nothing DSA to export "
             "(see dsa_compile.explain(model, example_args))")
     return program, how
-
-
-def functions_digest(model: onnx.ModelProto) -> str:
-    """sha256 (hex) of the model's ``dsa``-domain FunctionProtos, in (name, overload) order:
-    what :func:`finish_model` records as META_FUNCTIONS and verify recomputes."""
-    digest = hashlib.sha256()
-    for f in sorted((f for f in model.functions if f.domain == functions.DOMAIN),
-                    key=lambda f: (f.name, f.overload)):
-        digest.update(f.SerializeToString(deterministic=True))
-    return digest.hexdigest()
 
 
 def finish_model(model: onnx.ModelProto, config: DSAConfig | None,

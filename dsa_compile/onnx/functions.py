@@ -651,6 +651,10 @@ def _function(name: str, inputs: list[str], outputs: list[str], b: _Body,
     defaults = [helper.make_attribute(a, ATTRIBUTE_DEFAULTS[a]) for a in attrs
                 if a in ATTRIBUTE_DEFAULTS]
     overload = _OVERLOADS[key_mask, q_offset] or None
+    if q_offset and not key_mask:
+        # Inputs bind by position: the node passes "" for key_mask, so the body declares
+        # that formal too (unused) before q_offset.
+        inputs = [*inputs[:-1], "key_mask", inputs[-1]]
     return helper.make_function(DOMAIN, name, inputs, outputs, b.nodes,
                                 [helper.make_opsetid("", ONNX_OPSET)], attributes=required,
                                 attribute_protos=defaults, overload=overload,
