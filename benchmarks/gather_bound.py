@@ -70,10 +70,48 @@ def window_indices(length: int, top_k: int, device) -> torch.Tensor:
     return torch.where(idx >= 0, idx, -1).to(torch.int32)
 
 
+def bench_length(length: int, bench, h_i: int, d_i: int, dev) -> None:
+    """Time SDPA, the sparse kernel and the gather-only floor at one length; print a row each."""
+    from dsa_compile import kernels
+
+    g = torch.Generator(device=dev).manual_seed(length)
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = rnd(B, HQ, length, D), rnd(B, HKV, length, D), rnd(B, HKV, length, D)
+    q_idx, k_idx = rnd(B, length, h_i, d_i), rnd(B, length, d_i)
+    w = torch.rand(B, length, h_i, device=dev, generator=g).to(torch.bfloat16)
+    chosen = kernels.indexer_topk(q_idx, k_idx, w, TOP_K)  # [B, Lq, top_k]
+    window = window_indices(length, TOP_K, dev)
+    scale = D ** -0.5
+    valid = int((chosen >= 0).sum())  # selected (query, key) pairs
+    gb = valid * HKV * 2 * D * 2 / 1e9
+    flops = 4 * HQ * valid * D
+
+    sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=True))
+    kk, vv = k[0].contiguous(), v[0].contiguous()
+    # The gather-only kernel must read what the sparse kernel reads: check its sums.
+    ref = (kk.float()[:, chosen[0, -1].long()] + vv.float()[:, chosen[0, -1].long()]).sum(1)
+    got = gather_only(kk, vv, chosen[0].contiguous())[-1]
+    assert torch.allclose(got, ref, rtol=1e-3, atol=1e-1), (got - ref).abs().max()
+    rows = [("sdpa", sdpa)]
+    for name, idx in (("", chosen), ("_window", window[None])):
+        rows.append((f"dsa_sparse{name}", bench(lambda idx=idx: kernels.sparse_attention(
+            q, k, v, idx[:, None], scale))))
+        rows.append((f"gather_only{name}", bench(lambda idx=idx: gather_only(
+            kk, vv, idx[0].contiguous()))))
+    for name, ms in rows:
+        tbs = "" if name == "sdpa" else f"{gb / ms:14.2f}"
+        tf = "" if name == "sdpa" else f"{flops / ms / 1e9:12.1f}"
+        print(f"{length:>7} {name:<18} {ms:9.3f} {tbs:>14} {tf:>12} {sdpa / ms:7.2f}")
+    print(f"{length:>7} gathered bytes {gb:.1f} GB; 3x SDPA needs {gb / (sdpa / 3):.1f} TB/s "
+          f"of row gathers, 300 TFLOP/s needs {gb / (flops / 300e12 * 1e3):.1f} TB/s",
+          flush=True)
+
+
+
 def main() -> None:
     import triton.testing
 
-    from dsa_compile import kernels
     from dsa_compile.indexer import default_index_shape
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,41 +125,8 @@ def main() -> None:
     print(f"{'L':>7} {'method':<18} {'ms':>9} {'gathered TB/s':>14} {'eff TFLOP/s':>12} "
           f"{'x SDPA':>7}")
     for length in args.lengths:
-        g = torch.Generator(device=dev).manual_seed(length)
-        rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=g)  # noqa: E731
-        q, k, v = rnd(B, HQ, length, D), rnd(B, HKV, length, D), rnd(B, HKV, length, D)
-        q_idx, k_idx = rnd(B, length, h_i, d_i), rnd(B, length, d_i)
-        w = torch.rand(B, length, h_i, device=dev, generator=g).to(torch.bfloat16)
-        chosen = kernels.indexer_topk(q_idx, k_idx, w, TOP_K)  # [B, Lq, top_k]
-        window = window_indices(length, TOP_K, dev)
-        scale = D ** -0.5
-        valid = int((chosen >= 0).sum())  # selected (query, key) pairs
-        gb = valid * HKV * 2 * D * 2 / 1e9
-        flops = 4 * HQ * valid * D
-
-        sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=True))
-        kk, vv = k[0].contiguous(), v[0].contiguous()
-        # The gather-only kernel must read what the sparse kernel reads: check its sums.
-        ref = (kk.float()[:, chosen[0, -1].long()] + vv.float()[:, chosen[0, -1].long()]).sum(1)
-        got = gather_only(kk, vv, chosen[0].contiguous())[-1]
-        assert torch.allclose(got, ref, rtol=1e-3, atol=1e-1), (got - ref).abs().max()
-        rows = [("sdpa", sdpa)]
-        for name, idx in (("", chosen), ("_window", window[None])):
-            rows.append((f"dsa_sparse{name}", bench(lambda idx=idx: kernels.sparse_attention(
-                q, k, v, idx[:, None], scale))))
-            rows.append((f"gather_only{name}", bench(lambda idx=idx: gather_only(
-                kk, vv, idx[0].contiguous()))))
-        for name, ms in rows:
-            tbs = "" if name == "sdpa" else f"{gb / ms:14.2f}"
-            tf = "" if name == "sdpa" else f"{flops / ms / 1e9:12.1f}"
-            print(f"{length:>7} {name:<18} {ms:9.3f} {tbs:>14} {tf:>12} {sdpa / ms:7.2f}")
-        print(f"{length:>7} gathered bytes {gb:.1f} GB; 3x SDPA needs {gb / (sdpa / 3):.1f} TB/s "
-              f"of row gathers, 300 TFLOP/s needs {gb / (flops / 300e12 * 1e3):.1f} TB/s",
-              flush=True)
-        del q, k, v, q_idx, k_idx, w, chosen, window, kk, vv
-        torch.cuda.empty_cache()
-
+        bench_length(length, bench, h_i, d_i, dev)
+        torch.cuda.empty_cache()  # the previous length's tensors are freed on return
 
 if __name__ == "__main__":
     main()

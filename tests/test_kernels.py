@@ -314,3 +314,24 @@ def test_indexer_topk_general_mask_matches_reference(case):
     picked = got.clamp_min(0).long()
     allowed = torch.gather(mask, 2, picked) | (got < 0)
     assert allowed.all()  # a masked key is never selected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_attention_with_carried_mask_and_bias(dtype):
+    """dsa.attention on CUDA (Triton indexer with a general mask, sparse kernel with the
+    gathered bias) against the CPU reference of the same op."""
+    b, hq, hkv, lq, lk, d = 2, 8, 2, 300, 1025, 64
+    q, k, v = (torch.randn(b, h, n, d, device=DEVICE).to(dtype)
+               for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
+    q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, 2, 32, dtype)
+    mask = torch.rand(1, lq, lk, device=DEVICE) > 0.3
+    bias = torch.randn(b, lq, lk, device=DEVICE).masked_fill(
+        torch.rand(b, lq, lk, device=DEVICE) > 0.8, -1e9)
+    args = (q, k, v, q_idx, k_idx, w, 128, d ** -0.5, True, lk - lq)
+    got = torch.ops.dsa.attention(*args, None, 0.0, 0, mask=mask, bias=bias)
+    cpu = [t.cpu() if isinstance(t, torch.Tensor) else t for t in args]
+    ref = torch.ops.dsa.attention(*cpu, None, 0.0, 0, mask=mask.cpu(), bias=bias.cpu())
+    assert not got.isnan().any()
+    assert rel_err(got.cpu().float(), ref.float()) < (TOL[dtype] if dtype == torch.float32
+                                                      else 3e-2)

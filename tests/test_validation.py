@@ -427,7 +427,7 @@ def _set_hash(model, digest):
     ("drop:top_k", r"lacks the required attribute 'top_k'"),
     ("extra:window", r"unknown attributes \['window'\]"),
     ("int-scale", r"attribute 'scale' of type INT"),
-    ("drop-input", r"has 5 inputs; dsa\.Attention takes 6 to 7"),
+    ("drop-input", r"has 5 inputs; dsa\.Attention takes 6 to 8"),
     ("op:Attention2", r"Attention2\) is not a dsa op"),
 ])
 def test_verify_checks_dsa_node_attributes_and_arity(edit, message):

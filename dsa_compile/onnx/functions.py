@@ -33,7 +33,7 @@ input is absent (the body cannot branch on it), so ``dsa.Attention`` and
 node's overload to match (:func:`overload_of`).
 
 Decoders need the query offset (the past length) at run time, not as the static
-``q_offset`` attribute: both ops take an optional last input ``q_offset`` (int64 [] or
+``q_offset`` attribute: both ops take an optional last input ``q_position`` (int64 [] or
 [1], the attribute must then be 0), which gives two more overloads, Q_OFFSET_OVERLOAD and
 KEY_MASK_Q_OFFSET_OVERLOAD. Their bodies also size the query chunk to the rows (a decode
 step is one row, not a padded chunk) and let short chunks gather the selected rows
@@ -513,14 +513,14 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
 
 
 def _inputs(names: list[str], key_mask: bool, q_offset: bool = False) -> list[str]:
-    return [*names, *(["key_mask"] if key_mask else []), *(["q_offset"] if q_offset else [])]
+    return [*names, *(["key_mask"] if key_mask else []), *(["q_position"] if q_offset else [])]
 
 
 def _runtime_offset(b: _Body, a: dict, q_offset: bool) -> dict:
     """With the q_offset input, it replaces the attribute (which must then be 0)."""
     if not q_offset:
         return a
-    return {**a, "q_offset": b.op("Reshape", b.op("Cast", "q_offset", to=TensorProto.INT64),
+    return {**a, "q_offset": b.op("Reshape", b.op("Cast", "q_position", to=TensorProto.INT64),
                                   b.const([1]))}
 
 

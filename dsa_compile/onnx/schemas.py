@@ -5,20 +5,21 @@ With these registered, ``onnx.checker.check_model(full_check=True)`` and
 onnxruntime does not need them: it runs the model-local functions of
 :mod:`dsa_compile.onnx.functions`.
 
-    dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask][, q_offset]) -> out
+    dsa.Attention(q, k, v, q_idx, k_idx, w[, key_mask][, q_position]) -> out
         q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv],
         q_idx [B, Lq, H_I, d_I], k_idx [B, Lk, d_I], w [B, Lq, H_I],
         key_mask bool [B, Lk] (optional, True = the key exists),
-        q_offset int64 [] or [1] (optional, runtime position of query 0)
+        q_position int64 [] or [1] (optional, runtime position of query 0; replaces the
+        q_offset attribute, named apart from it so exporters can bind both)
         -> out [B, Hq, Lq, Dv]
-    dsa.IndexerTopK(q_idx, k_idx, w[, key_mask][, q_offset]) -> indices int32 [B, Lq, top_k]
+    dsa.IndexerTopK(q_idx, k_idx, w[, key_mask][, q_position]) -> indices int32 [B, Lq, top_k]
     dsa.SparseAttention(q, k, v, indices [B, G, Lq, K]) -> out [B, Hq, Lq, Dv],
                                                            lse float [B, Hq, Lq]
 
-A node given a key_mask and/or a q_offset input runs the function overload that takes
+A node given a key_mask and/or a q_position input runs the function overload that takes
 them (``key_mask``, ``q_offset``, ``key_mask+q_offset``; see
 :mod:`dsa_compile.onnx.functions`); the schema is the same. Files written before the
-q_offset input existed validate unchanged (it is a trailing optional input).
+q_position input existed validate unchanged (it is a trailing optional input).
 
 Registration is explicit (:func:`register_schemas`, idempotent) so importing the
 package changes no global onnx state.
@@ -46,7 +47,7 @@ def _key_mask_param() -> defs.OpSchema.FormalParameter:
 
 
 def _q_offset_param() -> defs.OpSchema.FormalParameter:
-    return _Param("q_offset", "tensor(int64)",
+    return _Param("q_position", "tensor(int64)",
                   "[] or [1], absolute position of query 0 at run time (a decoder's past "
                   "length); replaces the q_offset attribute, which must then be 0",
                   param_option=defs.OpSchema.FormalParameterOption.Optional)
