@@ -12,6 +12,7 @@ Public API (everything else is internal):
 - :func:`reset_indexers`                  forget a model's indexers (to change their shape)
 - :func:`selection_recall`                how much attention the selection captures
 - :func:`fp8_indexer`                     run the CUDA indexer in FP8 inside a block
+- :func:`index_key_cache`                 the compiled models' index-key cache (size, hits)
 - :mod:`dsa_compile.onnx`                 ONNX export and onnxruntime helpers
 - ``torch.ops.dsa.*``                     the DSA operators (registered on import)
 """
@@ -33,6 +34,7 @@ _LAZY = {
     "load_indexers": "dsa_compile.calibration",
     "reset_indexers": "dsa_compile.indexer",
     "selection_recall": "dsa_compile.metrics",
+    "index_key_cache": "dsa_compile.backends.index_cache",
 }
 
 __all__ = ["DSAConfig", "fp8_indexer", "ops", *_LAZY]

@@ -61,6 +61,10 @@ class DSAConfig:
         index_fp8: score the indexer in FP8 (e4m3) on CUDA (Hopper or later) when the
             compiled model runs (``torch.compile`` backend; with :func:`apply`, run the
             model inside ``dsa_compile.fp8_indexer()``). CPU ignores it.
+        index_cache: under ``torch.compile``, a site whose keys come from a KV-cache
+            write projects only the new tokens' index keys and reads the others from an
+            index-key cache (:mod:`dsa_compile.passes.index_cache`); ``False`` projects
+            every key on every call (same result, slower decode).
 
     Raises ValueError naming the field for a wrong type or range (ints must be ints, not
     bools; softcap finite).
@@ -75,6 +79,7 @@ class DSAConfig:
     softcap: float = 0.0
     min_keys: int = 0
     index_fp8: bool = False
+    index_cache: bool = True
 
     def __post_init__(self) -> None:
         # bool is an int subclass: top_k=True would silently mean top_k=1.
@@ -89,9 +94,10 @@ class DSAConfig:
                 or not math.isfinite(softcap) or softcap < 0):
             raise ValueError(f"DSAConfig.softcap must be a finite number >= 0 (0 = off), "
                              f"got {softcap!r}")
-        if not isinstance(self.index_fp8, bool):
-            raise ValueError(f"DSAConfig.index_fp8 must be True or False, got "
-                             f"{self.index_fp8!r}")
+        for flag in ("index_fp8", "index_cache"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"DSAConfig.{flag} must be True or False, got "
+                                 f"{getattr(self, flag)!r}")
         if self.sites is not None:
             object.__setattr__(self, "sites", _patterns("sites", self.sites, "None = all sites"))
         object.__setattr__(self, "exclude", _patterns("exclude", self.exclude,

@@ -284,14 +284,23 @@ class Indexer(nn.Module):
         return self._project(q, k)
 
     def _project(self, q: torch.Tensor, k: torch.Tensor):
+        q_idx, w = self.project_queries(q)
+        return q_idx, self.project_keys(k).to(q.dtype), w
+
+    def project_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, Hq, Lq, D] -> (q_idx [B, Lq, H_I, d_I], w [B, Lq, H_I]) in q's dtype."""
         b, hq, lq, d = q.shape
-        dtype = self.wq.dtype
-        q_cat = q.permute(0, 2, 1, 3).reshape(b, lq, hq * d).to(dtype)
-        k_cat = k.permute(0, 2, 1, 3).reshape(b, k.shape[2], k.shape[1] * d).to(dtype)
+        q_cat = q.permute(0, 2, 1, 3).reshape(b, lq, hq * d).to(self.wq.dtype)
         q_idx = (q_cat @ self.wq + self.bq).view(b, lq, self.index_heads, self.index_dim)
-        k_idx = k_cat @ self.wk + self.bk
         w = nn.functional.softplus(q_cat @ self.ww + self.bw)
-        return q_idx.to(q.dtype), k_idx.to(q.dtype), w.to(q.dtype)
+        return q_idx.to(q.dtype), w.to(q.dtype)
+
+    def project_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """k [B, Hkv, Lk, D] -> k_idx [B, Lk, d_I] in k's dtype. A row depends on its own
+        token only, which is what lets an index-key cache project each token once."""
+        b, hkv, lk, d = k.shape
+        k_cat = k.permute(0, 2, 1, 3).reshape(b, lk, hkv * d).to(self.wk.dtype)
+        return (k_cat @ self.wk + self.bk).to(k.dtype)
 
 
 def non_finite_parameters(indexer: nn.Module) -> list[str]:

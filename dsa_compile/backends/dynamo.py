@@ -17,9 +17,11 @@ from torch import fx
 
 from dsa_compile.config import DSAConfig
 from dsa_compile.ops.dispatch import fp8_indexer
+from dsa_compile.backends.index_cache import call_with_mirrors
 from dsa_compile.passes import run_passes
 from dsa_compile.passes.detect import normalize_path
 from dsa_compile.passes.fit import fit_new_indexers, hint
+from dsa_compile.passes.index_cache import thread_index_cache
 from dsa_compile.passes.masks import StateGuard
 
 LAST_RECORDS: list = []
@@ -60,7 +62,7 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     config = DSAConfig.from_options(options)
     CALLS["count"] += 1
     dense = _copy(gm)
-    guard = None
+    guard = plan = None
     try:
         params, real = graph_params(gm, example_inputs)
         guard = StateGuard(real.get)
@@ -74,20 +76,32 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
             # (reading a hint adds no guard, so the compile stays dynamic).
             inputs = [hint(x) for x in example_inputs]
             fit_new_indexers(gm, lambda sub: gm(*map(sub, inputs)), inputs)
+            plan = _plan_index_cache(gm, config)
     except Exception as e:  # never break the user's model: fall back to the dense graph
         _warn_dense(e)
-        gm, guard = dense, None
+        gm, guard, plan = dense, None, None
     from torch._inductor.compile_fx import compile_fx
 
-    try:
-        compiled = compile_fx(gm, example_inputs)
-    except Exception as e:
-        if gm is dense or isinstance(e, torch._dynamo.exc.RestartAnalysis):
-            raise  # dynamo's own control flow (it recompiles), not a failure of ours
-        _warn_dense(e)
-        return compile_fx(dense, example_inputs)
+    compiled = None
+    if plan is not None:
+        try:
+            compiled = compile_fx(plan.graph, [*example_inputs, *plan.examples])
+        except Exception as e:
+            if isinstance(e, torch._dynamo.exc.RestartAnalysis):
+                raise
+            warnings.warn(f"dsa: index-key cache off for this graph ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else ''})", stacklevel=2)
+            plan = None
+    if compiled is None:
+        try:
+            compiled = compile_fx(gm, example_inputs)
+        except Exception as e:
+            if gm is dense or isinstance(e, torch._dynamo.exc.RestartAnalysis):
+                raise  # dynamo's own control flow (it recompiles), not a failure of ours
+            _warn_dense(e)
+            return compile_fx(dense, example_inputs)
     guard = guard if guard is not None and guard.watching else None
-    if not config.index_fp8 and guard is None:
+    if not config.index_fp8 and guard is None and plan is None:
         return compiled
     boxed = getattr(compiled, "_boxed_call", False)
     fallback = []
@@ -103,10 +117,32 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
             boxed_call = len(args) == 1 and isinstance(args[0], list)
             return dense(*args[0]) if boxed_call else dense(*args)
         with fp8_indexer(config.index_fp8):
+            if plan is not None:
+                # Called with one list (boxed), or positionally; the mirrors go last.
+                boxed_call = len(args) == 1 and isinstance(args[0], list)
+                return call_with_mirrors(compiled, plan, list(args[0] if boxed_call else args),
+                                         boxed_call)
             return compiled(*args)
 
     run._boxed_call = boxed  # same calling convention as the compiled graph
     return run
+
+
+def _plan_index_cache(gm: fx.GraphModule, config: DSAConfig):
+    """The index-key cache plan of a copy of ``gm`` (None when no site reads a cache, the
+    option is off, or autograd records: mirrors are inference state)."""
+    if not config.index_cache or torch.is_grad_enabled():
+        return None
+    work = _copy(gm)
+    plan = thread_index_cache(work)
+    if not (plan.inputs or plan.outputs or plan.sites):
+        return None
+    for r in LAST_RECORDS:
+        kind_rows = plan.sites.get(r.name)
+        if kind_rows is not None:
+            r.index_cache, r.key_rows = kind_rows
+    plan.graph = work
+    return plan
 
 
 def _warn_dense(e: Exception) -> None:

@@ -45,6 +45,8 @@ class SiteRecord:
     head_dim: int = 0
     causal: bool = False
     key_mask: bool = False
+    index_cache: str = ""   # 'static' / 'dynamic': index keys read from the cache (backend)
+    key_rows: str = ""      # key rows the indexer projects per call when cached
 
 
 def selected(name: str, config: DSAConfig) -> str:
