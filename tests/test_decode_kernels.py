@@ -301,3 +301,42 @@ def test_decode_attention_bf16_llama_shape_and_cuda_graph(d_i):
             x.copy_(torch.randn_like(x) if x is not w else torch.rand_like(x))
         graph.replay()
         assert rel_err(out, ref_step(*args, None)) < TOL[torch.bfloat16]
+
+
+# --- 4. dsa.attention dispatches decode steps to these kernels -----------------------------
+
+
+@pytest.mark.parametrize("masks", ["none", "key_mask", "mask"])
+@pytest.mark.parametrize("lk", lengths(63, 1025))
+@pytest.mark.parametrize("lq", [1, 2, 4])
+def test_attention_op_runs_decode_steps_on_the_decode_kernels(monkeypatch, lq, lk, masks):
+    """A step of few queries goes to decode_attention (on CPU through the interpreter, by
+    letting the dispatch take CPU tensors) and matches the reference op; a general mask
+    with several queries, or the default dense_below at short length, does not."""
+    from dsa_compile.config import DENSE_BELOW_DEFAULT
+    op = importlib.import_module("dsa_compile.ops.attention")
+    from dsa_compile.ops.dispatch import force_reference, use_triton
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(op, "_decode_step", lambda q, mask, bias, softcap: (
+            use_triton() and q.shape[2] <= op.DECODE_MAX_QUERIES and bias is None
+            and (mask is None or q.shape[2] == 1)))
+    calls, real = [], op._decode
+    monkeypatch.setattr(op, "_decode", lambda *a: calls.append(1) or real(*a))
+    b, hq, hkv, d, top_k = STEP_SHAPES["gqa4-d64"]
+    q, k, v, q_idx, k_idx, w = step_inputs(b, hq, hkv, lq, lk, d, 4, 32, torch.float32)
+    key_mask = left_padding(b, lk).to(DEVICE) if masks == "key_mask" else None
+    mask = None
+    if masks == "mask":  # a pattern the passes could not prove: every third key hidden
+        mask = (torch.arange(lk, device=DEVICE) % 3 != 1).expand(1, lq, lk).contiguous()
+    args = (q, k, v, q_idx, k_idx, w, top_k, d ** -0.5, True, lk - lq, key_mask, 0.0)
+    out = torch.ops.dsa.attention(*args, 0, mask=mask)
+    with force_reference():
+        ref = torch.ops.dsa.attention(*args, 0, mask=mask)
+    assert not out.isnan().any() and rel_err(out, ref) < TOL[torch.float32]
+    assert len(calls) == (0 if masks == "mask" and lq > 1 else 1)
+    calls.clear()
+    dense = torch.ops.dsa.attention(*args, DENSE_BELOW_DEFAULT, mask=mask)
+    assert not calls  # lk keys < the decode crossover: dense
+    assert op.decode_crossover(1) > op.decode_crossover(8) >= op.decode_crossover(32) > top_k
+    assert dense.shape == out.shape

@@ -15,9 +15,9 @@ import warnings
 import torch
 from torch import fx
 
+from dsa_compile.backends.index_cache import call_with_mirrors
 from dsa_compile.config import DSAConfig
 from dsa_compile.ops.dispatch import fp8_indexer
-from dsa_compile.backends.index_cache import call_with_mirrors
 from dsa_compile.passes import run_passes
 from dsa_compile.passes.detect import normalize_path
 from dsa_compile.passes.fit import fit_new_indexers, hint

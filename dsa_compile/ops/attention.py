@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsa_compile import reference
+from dsa_compile.config import DENSE_BELOW_DEFAULT
 from dsa_compile.ops.checks import (
     check,
     check_attention_args,
@@ -84,12 +85,58 @@ def _rows(t, rows, keys=None):
     return None if t is None else t[:, rows, :keys]
 
 
+DECODE_MAX_QUERIES = 16
+"""Steps of at most this many queries (decode, speculative verification) run the CUDA
+decode kernels (:func:`dsa_compile.kernels.decode.decode_attention`)."""
+
+
+def decode_crossover(batch: int) -> int:
+    """Visible keys above which a CUDA decode step is faster sparse than dense: measured
+    on the H200 (benchmarks/RESULTS.md, decode.py; one Llama-3-8B-shaped layer, top_k
+    2048): dense wins below ~16K keys at B = 1, ~6K at B = 8, 4K at B = 32. Used in
+    place of the default ``dense_below`` for such steps (0 still forces sparse)."""
+    return 16384 if batch <= 1 else 6144 if batch <= 8 else 4096
+
+
+def _decode_step(q, mask, bias, softcap) -> bool:
+    from dsa_compile.ops.dispatch import use_triton
+
+    # A general mask is a key mask when there is one query per row.
+    return (q.is_cuda and use_triton() and q.shape[2] <= DECODE_MAX_QUERIES and bias is None
+            and (mask is None or q.shape[2] == 1))
+
+
+def _decode(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask, softcap,
+            mask) -> Tensor:
+    from dsa_compile.kernels.decode import decode_attention
+
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    if mask is not None:
+        row = mask[:, 0].expand(b, lk)
+        key_mask = row if key_mask is None else key_mask & row
+    if causal:
+        pos = q_offset + torch.arange(lq, device=q.device, dtype=torch.int32)
+    else:
+        pos = torch.full((lq,), lk - 1, device=q.device, dtype=torch.int32)
+    key_mask = None if key_mask is None else key_mask.contiguous()
+    q, k, v, q_idx, k_idx, w = (x if x.stride(-1) == 1 else x.contiguous()
+                                for x in (q, k, v, q_idx, k_idx, w))
+    return decode_attention(q, k, v, q_idx, k_idx, w, top_k, scale, pos.expand(b, lq),
+                            key_mask, softcap)
+
+
 def _attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask, softcap,
                dense_below, mask=None, bias=None) -> Tensor:
     b, _, lq, lk = *q.shape[:3], k.shape[2]
     if lq == 0 or lk == 0:
         return q.new_zeros((b, q.shape[1], lq, v.shape[-1]))
+    decode = _decode_step(q, mask, bias, softcap)
+    if decode and dense_below == DENSE_BELOW_DEFAULT:
+        dense_below = decode_crossover(b)
     n_dense = dense_rows(lq, lk, top_k, q_offset, causal, dense_below)
+    if decode and n_dense == 0:
+        return _decode(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask,
+                       softcap, mask)
     parts = []
     if n_dense > 0:
         keys = min(lk, max(q_offset + n_dense, 0)) if causal else lk
