@@ -190,8 +190,11 @@ def sparse_attention(
     kf, vf = k.float(), v.float()
     # Keys past the last selected one are never needed (causal rows select a prefix).
     reach = _reach(indices, k.shape[2])
-    fused = reach <= FUSED_RATIO * topk and _use_fused(q, k, v, indices, softcap)
-    gemm = not fused and reach <= DENSE_GEMM_RATIO * topk
+    # Few queries (decode) gather fewer rows than the dense paths read (and repeat per
+    # query head): gather whenever that is so.
+    few = lq * topk < reach
+    fused = not few and reach <= FUSED_RATIO * topk and _use_fused(q, k, v, indices, softcap)
+    gemm = not few and not fused and reach <= DENSE_GEMM_RATIO * topk
     if fused or gemm:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hq * max(reach, 1)))
     else:
