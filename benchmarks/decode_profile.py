@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def main() -> None:
-    from generate import llama_8b
+    from generate import random_llama
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    model = llama_8b(args.layers)
+    model = random_llama(args.layers)
     for name, kw in {"inductor": {}, "dsa": {"backend": "dsa",
                                              "options": {"top_k": 2048}}}.items():
         torch._dynamo.reset()

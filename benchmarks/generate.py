@@ -37,7 +37,7 @@ SHAPES = {
 }
 
 
-def llama_8b(layers: int, shape: str = "llama8b", device: str = "cuda"):
+def random_llama(layers: int, shape: str = "llama8b", device: str = "cuda"):
     import transformers
 
     config = transformers.LlamaConfig(**SHAPES[shape], num_hidden_layers=layers,
@@ -106,7 +106,7 @@ def main() -> None:
     except Exception:
         torch._dynamo.register_backend(name="dsa")(dsa_backend)
     layers = args.layers or (32 if args.shape == "llama8b" else 30)
-    model = llama_8b(layers, args.shape, DEV)
+    model = random_llama(layers, args.shape, DEV)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if DEV == "cuda":
         import triton

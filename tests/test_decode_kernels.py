@@ -315,12 +315,9 @@ def test_attention_op_runs_decode_steps_on_the_decode_kernels(monkeypatch, lq, l
     with several queries, or the default dense_below at short length, does not."""
     from dsa_compile.config import DENSE_BELOW_DEFAULT
     op = importlib.import_module("dsa_compile.ops.attention")
-    from dsa_compile.ops.dispatch import force_reference, use_triton
+    from dsa_compile.ops.dispatch import force_reference
 
-    if DEVICE == "cpu":
-        monkeypatch.setattr(op, "_decode_step", lambda q, mask, bias, softcap: (
-            use_triton() and q.shape[2] <= op.DECODE_MAX_QUERIES and bias is None
-            and (mask is None or q.shape[2] == 1)))
+    monkeypatch.setattr(op, "DECODE_DEVICES", ("cuda", "cpu"))
     calls, real = [], op._decode
     monkeypatch.setattr(op, "_decode", lambda *a: calls.append(1) or real(*a))
     b, hq, hkv, d, top_k = STEP_SHAPES["gqa4-d64"]

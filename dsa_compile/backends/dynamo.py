@@ -135,7 +135,7 @@ def _plan_index_cache(gm: fx.GraphModule, config: DSAConfig):
         return None
     work = _copy(gm)
     plan = thread_index_cache(work)
-    if not (plan.inputs or plan.outputs or plan.sites):
+    if not plan.sites:
         return None
     for r in LAST_RECORDS:
         kind_rows = plan.sites.get(r.name)

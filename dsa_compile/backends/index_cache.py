@@ -27,11 +27,11 @@ class _Entry:
     ref: weakref.ref
     version: int
     mirror: torch.Tensor
-    owner: int  # id of the indexer that projected it
 
 
 class IndexKeyStore:
-    """{K tensor: its index keys}, checked by version. Counters: ``hits``, ``misses``,
+    """{(K tensor, indexer): its index keys}, checked by version (two sites reading one
+    K tensor, a cross-layer shared cache, keep one mirror each). Counters: ``hits``, ``misses``,
     ``rows_projected`` (K rows re-projected eagerly on misses, summed over the batch)."""
 
     def __init__(self) -> None:
@@ -40,9 +40,9 @@ class IndexKeyStore:
 
     def lookup(self, k: torch.Tensor, indexer, dtype: torch.dtype) -> torch.Tensor:
         """The index keys [B, L, d_I] of ``k`` [B, Hkv, L, D], projected now on a miss."""
-        e = self._entries.get(id(k))
+        e = self._entries.get((id(k), id(indexer)))
         if (e is not None and e.ref() is k and e.version == k._version
-                and e.owner == id(indexer) and e.mirror.dtype == dtype
+                and e.mirror.dtype == dtype
                 and e.mirror.shape[:2] == (k.shape[0], k.shape[2])):
             self.hits += 1
             return e.mirror
@@ -53,14 +53,14 @@ class IndexKeyStore:
 
     def record(self, k: torch.Tensor, mirror: torch.Tensor, indexer) -> None:
         """``mirror`` holds the index keys of ``k`` as it is now."""
-        key = id(k)
+        key = (id(k), id(indexer))
 
         def drop(ref, key=key):
             e = self._entries.get(key)
             if e is not None and e.ref is ref:
                 del self._entries[key]
 
-        self._entries[key] = _Entry(weakref.ref(k, drop), k._version, mirror, id(indexer))
+        self._entries[key] = _Entry(weakref.ref(k, drop), k._version, mirror)
 
     def nbytes(self) -> int:
         """Bytes held by live mirrors."""

@@ -24,6 +24,7 @@ from dsa_compile.ops.checks import (
     check_indexer_args,
     check_same_device_groups,
 )
+from dsa_compile.ops.dispatch import use_triton
 from dsa_compile.reference.dense import MASKED_BIAS
 
 
@@ -88,6 +89,8 @@ def _rows(t, rows, keys=None):
 DECODE_MAX_QUERIES = 16
 """Steps of at most this many queries (decode, speculative verification) run the CUDA
 decode kernels (:func:`dsa_compile.kernels.decode.decode_attention`)."""
+DECODE_DEVICES = ("cuda",)
+"""Device types whose decode steps run those kernels (tests add "cpu": the interpreter)."""
 
 
 def decode_crossover(batch: int) -> int:
@@ -98,11 +101,10 @@ def decode_crossover(batch: int) -> int:
     return 16384 if batch <= 1 else 6144 if batch <= 8 else 4096
 
 
-def _decode_step(q, mask, bias, softcap) -> bool:
-    from dsa_compile.ops.dispatch import use_triton
-
+def _decode_step(q, mask, bias) -> bool:
     # A general mask is a key mask when there is one query per row.
-    return (q.is_cuda and use_triton() and q.shape[2] <= DECODE_MAX_QUERIES and bias is None
+    return (q.device.type in DECODE_DEVICES and use_triton()
+            and q.shape[2] <= DECODE_MAX_QUERIES and bias is None
             and (mask is None or q.shape[2] == 1))
 
 
@@ -130,7 +132,7 @@ def _attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mas
     b, _, lq, lk = *q.shape[:3], k.shape[2]
     if lq == 0 or lk == 0:
         return q.new_zeros((b, q.shape[1], lq, v.shape[-1]))
-    decode = _decode_step(q, mask, bias, softcap)
+    decode = _decode_step(q, mask, bias)
     if decode and dense_below == DENSE_BELOW_DEFAULT:
         dense_below = decode_crossover(b)
     n_dense = dense_rows(lq, lk, top_k, q_offset, causal, dense_below)

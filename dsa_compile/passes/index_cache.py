@@ -15,7 +15,7 @@ Where a mirror lives: a cache tensor that enters the graph as an input (the stat
 buffer, the dynamic ``past``) gets its mirror through a new trailing graph input; one
 the graph creates and returns (the prefill's lazily built buffer, the dynamic ``cat``)
 gets its mirror as a new trailing output. The backend's wrapper feeds and collects them
-through :data:`dsa_compile.runtime.index_cache.STORE`, keyed by the K tensor itself and
+through :data:`dsa_compile.backends.index_cache.STORE`, keyed by the K tensor itself and
 checked against its version counter, so the compiled graph never recompiles for it and
 a cache changed outside the graph (reset, beam reorder, crop) is re-projected, never
 read stale. A site whose K is not a cache write this pass can prove stays as it was
@@ -62,6 +62,7 @@ class CachePlan:
 
 
 _FULL = slice(None)
+_NOT = object()
 
 
 def _prefix_stop(index):
@@ -77,9 +78,6 @@ def _prefix_stop(index):
     if any(r != _FULL and r is not Ellipsis for r in rest):
         return _NOT
     return c.stop
-
-
-_NOT = object()
 
 
 def _is_index_copy(n: Node) -> bool:
@@ -211,11 +209,11 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
             elif mirror is not None:
                 whole = g.call_method("index_copy_", (mirror, 1, pos, new_idx))
             else:
-                # A static buffer the graph allocates (the prefill): after its write,
-                # project all of it once (its unwritten rows are zeros, projected too).
-                call.args = (q, k)
-                whole = mirror = g.call_function(operator.getitem, (
-                    g.call_module(call.target, (q, source)), 1))
+                # A static buffer the graph allocates (the prefill): the site's indexer
+                # call, which follows the buffer's write, projects all of it once (its
+                # unwritten rows are zeros, projected too).
+                call.args = (q, source)
+                whole = mirror = k_idx
             cached = whole
             for stop in reversed(stops):
                 cached = g.call_function(operator.getitem, (cached, (_FULL, slice(None, stop))))
