@@ -1,20 +1,30 @@
 """End-to-end decode tokens/s: a Llama-3-8B-shaped model, torch.compile default vs "dsa".
 
-    python benchmarks/generate.py [--lengths 32768 131072] [--batch 1] [--layers 32]
-                                  [--steps 32] [--shape llama8b|smollm2] [--device cuda|cpu]
+    python benchmarks/generate.py [--lengths 32768 131072] [--batch 1 4] [--layers 32]
+                                  [--steps 32] [--no-cudagraphs] [--prefill]
+                                  [--shape llama8b|smollm2] [--device cuda|cpu]
 
 Random weights (all ``--layers`` layers, bf16, Hq=32, Hkv=8, D=128, hidden 4096, MLP
-14336, vocab 128256), a StaticCache of ``L + steps`` slots, a random prompt of L tokens.
-Each method prefills once (untimed), then runs ``steps`` greedy decode steps through
-the compiled ``forward`` the way ``generate`` does (one token, its cache_position);
-tokens/s = B * steps / time. Methods: ``inductor`` = ``torch.compile(forward)``,
-``dsa`` = ``torch.compile(forward, backend="dsa", options={"top_k": 2048})`` (index-key
-cache on; decode steps above the measured crossover run the decode kernels). The
-weights are read once per step either way; the line "weights" gives the time of that
-read at the measured copy bandwidth, so the attention's share of a step shows.
-``--shape smollm2 --device cpu``: SmolLM2-135M's shape (30 layers, 9/3 heads, D=64,
-random weights, float32) on the CPU reference ops, top_k 256, also with the index-key
-cache off (``dsa_nocache``) so the cache's share shows.
+14336, vocab 128256), a StaticCache of ``L + steps + 8`` slots holding a context of L
+tokens. Each method runs ``steps`` greedy decode steps (after 3 warm-up steps) through
+the compiled ``forward`` the way ``generate`` does (one token per sequence, its
+cache_position); tokens/s = B * steps / time. Methods: ``inductor`` =
+``torch.compile(forward, mode="reduce-overhead")``, ``dsa`` = ``torch.compile(forward,
+backend="dsa", options={"top_k": 2048, "mode": "reduce-overhead"})`` (CUDA graphs on
+both; ``--no-cudagraphs`` for neither). The index-key cache is on: the first compiled
+step projects the context's index keys once (a miss per layer), later steps hit.
+
+Context: by default the cache's K/V buffers are filled with random values (a real
+prefill of 128K tokens through an 8B model costs minutes and does not change a decode
+step's cost); ``--prefill`` runs the prompt through the eager model in 8K chunks, as
+``generate`` runs its prefill uncompiled.
+
+Printed with each length: the floors of one step at the copy bandwidth measured in the
+same run: the weights (read once per step by either method), dense attention's K/V
+cache, DSA's index keys plus top_k K/V rows per KV head; so the time splits into weights
++ attention + the rest. ``--shape smollm2 --device cpu``: SmolLM2-135M's shape (30
+layers, 9/3 heads, D=64, random weights, float32) on the CPU reference ops, top_k 256,
+also with the index-key cache off (``dsa_nocache``) so the cache's share shows.
 """
 
 from __future__ import annotations
@@ -57,45 +67,80 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def decode_rate(model, compile_kw, length, batch, steps):
-    """(tokens/s, ms per step, greedy tokens) of ``steps`` decode steps after a prefill."""
+def make_cache(model, batch: int, length: int, capacity: int, prefill: bool):
+    """A StaticCache of ``capacity`` slots holding ``length`` context tokens per sequence."""
     from transformers import StaticCache
 
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    with torch.no_grad():
+        if prefill:
+            ids = torch.randint(0, model.config.vocab_size, (batch, length), device=DEV,
+                                generator=g)
+            for start in range(0, length, 8192):
+                stop = min(length, start + 8192)
+                model(input_ids=ids[:, start:stop], past_key_values=cache,
+                      cache_position=torch.arange(start, stop, device=DEV), logits_to_keep=1)
+        else:  # one eager token allocates the buffers; random values stand for the context
+            model(input_ids=torch.zeros(batch, 1, dtype=torch.long, device=DEV),
+                  past_key_values=cache, cache_position=torch.zeros(1, dtype=torch.long,
+                                                                    device=DEV))
+            for layer in cache.layers:
+                for buf in (layer.keys, layer.values):
+                    buf[:, :, :length].normal_(generator=g)
+    return cache
+
+
+def decode_rate(model, compile_kw, length, batch, steps, prefill=False):
+    """(tokens/s, ms per step, seconds of compile + warm-up) of ``steps`` decode steps."""
     torch._dynamo.reset()
     forward = torch.compile(type(model).forward.__get__(model), **compile_kw)
-    g = torch.Generator(device=DEV).manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=DEV, generator=g)
-    cache = StaticCache(config=model.config, max_cache_len=length + steps + 8)
-    tokens = []
+    cache = make_cache(model, batch, length, length + steps + 8, prefill)
+    nxt = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEV)
     with torch.no_grad():
-        out = forward(input_ids=ids, past_key_values=cache,
-                      cache_position=torch.arange(length, device=DEV), logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)
+        t_warm = time.perf_counter()
         for warm in (True, False):
             _sync()
             t0 = time.perf_counter()
-            for i in range(steps if not warm else 3):
-                pos = length + i if not warm else length + steps + i  # warm-up writes spare slots
+            for i in range(3 if warm else steps):
+                pos = length + steps + i if warm else length + i  # warm-up writes spare slots
                 out = forward(input_ids=nxt, past_key_values=cache,
                               cache_position=torch.tensor([pos], device=DEV))
                 nxt = out.logits[:, -1:].argmax(-1)
-                if not warm:
-                    tokens.append(nxt)
             _sync()
             elapsed = time.perf_counter() - t0
-    del cache
-    return batch * steps / elapsed, elapsed / steps * 1e3, torch.cat(tokens, 1)
+            if warm:
+                t_warm = time.perf_counter() - t_warm
+    del cache, out
+    return batch * steps / elapsed, elapsed / steps * 1e3, t_warm
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device copy (the step floors' rate)."""
+    a = torch.empty(1 << (30 if DEV == "cuda" else 27), dtype=torch.int16, device=DEV)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    _sync()
+    return 10 * 2 * a.numel() * 2 / (time.perf_counter() - t0)
 
 
 def main() -> None:
     global DEV
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--layers", type=int, default=None, help="default: the shape's")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--shape", choices=list(SHAPES), default="llama8b")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--no-cudagraphs", action="store_true")
+    parser.add_argument("--prefill", action="store_true",
+                        help="a real (eager, chunked) prefill instead of random K/V")
+    parser.add_argument("--methods", nargs="+", default=None)
     args = parser.parse_args()
     DEV = args.device
     from dsa_compile import index_key_cache
@@ -107,47 +152,64 @@ def main() -> None:
         torch._dynamo.register_backend(name="dsa")(dsa_backend)
     layers = args.layers or (32 if args.shape == "llama8b" else 30)
     model = random_llama(layers, args.shape, DEV)
+    cfg = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    graphs = DEV == "cuda" and not args.no_cudagraphs
     if DEV == "cuda":
         import triton
 
         print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
-              f"triton {triton.__version__}")
+              f"triton {triton.__version__}  CUDA graphs: {graphs}")
     else:
         print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    a = torch.empty(1 << (30 if DEV == "cuda" else 27), dtype=torch.int16, device=DEV)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    _sync()
-    bw = 10 * 2 * a.numel() * 2 / (time.perf_counter() - t0)
-    del a, b
-    print(f"{args.shape}, layers {layers}, B={args.batch}, weights {weight_bytes / 1e9:.2f} GB: "
-          f"{weight_bytes / bw * 1e3:.2f} ms per step at the copy bandwidth {bw / 1e12:.2f} TB/s")
+    bw = copy_bandwidth()
+    elt = next(model.parameters()).element_size()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
     top_k = 2048 if args.shape == "llama8b" else 256
-    methods = {"inductor": {}, "dsa": {"backend": "dsa", "options": {"top_k": top_k}}}
+    print(f"{args.shape}, layers {layers}, weights {weight_bytes / 1e9:.2f} GB: "
+          f"{weight_bytes / bw * 1e3:.2f} ms per step at the copy bandwidth {bw / 1e12:.2f} TB/s")
+    mode = {"mode": "reduce-overhead"} if graphs else {}
+    methods = {"inductor": dict(mode),
+               "dsa": {"backend": "dsa", "options": {"top_k": top_k, **mode}}}
     if DEV == "cpu":  # the reference ops: sparse from the first key past top_k
         methods["dsa"]["options"]["dense_below"] = 0
         methods["dsa_nocache"] = {"backend": "dsa", "options": {
             "top_k": top_k, "dense_below": 0, "index_cache": False}}
-    print(f"{'L':>7} {'method':<11} {'tok/s':>8} {'ms/step':>8} {'x inductor':>10}", flush=True)
-    for length in args.lengths:
-        base = None
-        for name, kw in methods.items():
-            index_key_cache().clear()
-            rate, ms, _ = decode_rate(model, kw, length, args.batch, args.steps)
-            base = base or rate
-            extra = ""
-            if name == "dsa":
-                s = index_key_cache().stats()
-                extra = f"  index-key cache hits {s['hits']}, misses {s['misses']}"
-            print(f"{length:>7} {name:<11} {rate:8.1f} {ms:8.2f} {rate / base:9.2f}x{extra}",
-                  flush=True)
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+    print(f"{'B':>3} {'L':>7} {'method':<11} {'tok/s':>8} {'ms/step':>8} {'x inductor':>10} "
+          f"{'warm s':>7}", flush=True)
+    for batch in args.batch:
+        for length in args.lengths:
+            kv = layers * batch * length * cfg.num_key_value_heads * head_dim * 2 * elt
+            d_i = 128 if args.shape == "llama8b" else 48
+            sparse = layers * batch * (length * d_i * elt
+                                       + min(top_k, length) * cfg.num_key_value_heads
+                                       * head_dim * 2 * elt)
+            print(f"{batch:>3} {length:>7} floors (ms/step): weights "
+                  f"{weight_bytes / bw * 1e3:.2f}, dense K/V {kv / bw * 1e3:.2f}, "
+                  f"DSA index keys + top_k rows {sparse / bw * 1e3:.2f}", flush=True)
+            base = None
+            for name, kw in methods.items():
+                index_key_cache().clear()
+                try:
+                    rate, ms, warm = decode_rate(model, kw, length, batch, args.steps,
+                                                 args.prefill)
+                except Exception as e:  # report and go on with the next point
+                    print(f"{batch:>3} {length:>7} {name:<11} failed: {type(e).__name__}: "
+                          f"{str(e)[:400]}", flush=True)
+                    continue
+                base = base or (rate if name == "inductor" else None)
+                extra = ""
+                if name.startswith("dsa"):
+                    st = index_key_cache().stats()
+                    extra = (f"  index-key cache hits {st['hits']}, misses {st['misses']}, "
+                             f"{st['bytes'] / 1e6:.0f} MB (K/V cache {kv / 1e6:.0f} MB)")
+                ratio = f"{rate / base:9.2f}x" if base else f"{'-':>10}"
+                print(f"{batch:>3} {length:>7} {name:<11} {rate:8.1f} {ms:8.2f} {ratio} "
+                      f"{warm:7.1f}{extra}", flush=True)
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

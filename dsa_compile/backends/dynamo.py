@@ -1,6 +1,11 @@
 """The torch.compile backend ``dsa``: rewrite attention, then hand off to Inductor.
 
     torch.compile(model, backend="dsa", options={"top_k": 2048, "dense_below": 0})
+    torch.compile(model, backend="dsa", mode="reduce-overhead")  # CUDA graphs, as Inductor
+    torch.compile(model, backend="dsa", options={"top_k": 2048, "mode": "reduce-overhead"})
+
+(torch.compile takes ``mode`` or ``options``, not both: with options, ``mode`` goes in them.)
+
 
 Registered only through the ``torch_dynamo_backends`` entry point (pyproject): calling
 ``register_backend(name="dsa")`` here as well would make lookup fail with "duplicate
@@ -11,6 +16,7 @@ calls and compiles everything around them.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import fx
@@ -57,8 +63,13 @@ def graph_params(gm: fx.GraphModule, example_inputs) -> tuple[dict, dict]:
     return params, real
 
 
-def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
-    """Backend entry point: ``options`` map onto :class:`DSAConfig` (unknown keys raise)."""
+def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, **kwargs):
+    """Backend entry point: ``options`` map onto :class:`DSAConfig` (unknown keys raise),
+    except ``"mode"``; ``mode`` is Inductor's (``"reduce-overhead"``: CUDA graphs)."""
+    if isinstance(options, Mapping) and "mode" in options:
+        options = dict(options)
+        mode = options.pop("mode")
+    patches = inductor_mode(mode)
     config = DSAConfig.from_options(options)
     CALLS["count"] += 1
     dense = _copy(gm)
@@ -68,10 +79,7 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
         guard = StateGuard(real.get)
         LAST_RECORDS[:] = run_passes(gm, config, params, lookup=guard)
         if any(r.rewritten for r in LAST_RECORDS):
-            if hasattr(gm, "_param_name_to_source"):
-                # The inserted indexers own parameters dynamo never saw; without this map
-                # AOTAutograd lifts every module parameter like export does.
-                del gm._param_name_to_source
+            _name_indexer_params(gm)
             # With dynamic shapes sizes arrive as SymInts; their hints are the real sizes
             # (reading a hint adds no guard, so the compile stays dynamic).
             inputs = [hint(x) for x in example_inputs]
@@ -85,7 +93,8 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
     compiled = None
     if plan is not None:
         try:
-            compiled = compile_fx(plan.graph, [*example_inputs, *plan.examples])
+            compiled = compile_fx(plan.graph, [*example_inputs, *plan.examples],
+                                  config_patches=patches)
         except Exception as e:
             if isinstance(e, torch._dynamo.exc.RestartAnalysis):
                 raise
@@ -94,12 +103,12 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
             plan = None
     if compiled is None:
         try:
-            compiled = compile_fx(gm, example_inputs)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
         except Exception as e:
             if gm is dense or isinstance(e, torch._dynamo.exc.RestartAnalysis):
                 raise  # dynamo's own control flow (it recompiles), not a failure of ours
             _warn_dense(e)
-            return compile_fx(dense, example_inputs)
+            return compile_fx(dense, example_inputs, config_patches=patches)
     guard = guard if guard is not None and guard.watching else None
     if not config.index_fp8 and guard is None and plan is None:
         return compiled
@@ -126,6 +135,38 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, **kwargs):
 
     run._boxed_call = boxed  # same calling convention as the compiled graph
     return run
+
+
+def inductor_mode(mode: str | None) -> dict:
+    """Inductor config patches of a ``torch.compile`` mode (None: the defaults)."""
+    if mode is None:
+        return {}
+    from torch._inductor import list_mode_options
+
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if mode not in modes:
+        raise ValueError(f"dsa backend: unknown mode {mode!r}; pass one of {modes}")
+    return dict(list_mode_options(mode))
+
+
+def _name_indexer_params(gm: fx.GraphModule) -> None:
+    """Give the parameters of the inserted indexers a source in dynamo's map.
+
+    AOTAutograd lifts a dynamo graph's module parameters as static inputs (fixed
+    addresses: what CUDA graphs need) only when each has an entry in
+    ``_param_name_to_source``; dynamo never saw the indexers, so they get a synthetic
+    one. (Without the map it would treat the graph as exported and drop dynamo's
+    static-input marks of the weights and of a StaticCache's buffers.)
+    """
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        return
+    from torch._dynamo.source import ConstantSource
+
+    for name, _ in [*gm.named_parameters(remove_duplicate=False),
+                    *gm.named_buffers(remove_duplicate=False)]:
+        if name not in sources:
+            sources[name] = ConstantSource(f"__dsa_{name}")
 
 
 def _plan_index_cache(gm: fx.GraphModule, config: DSAConfig):
@@ -156,4 +197,12 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     new.meta = dict(getattr(gm, "meta", {}))
+    # What AOTAutograd reads to know a dynamo graph and its static inputs (weights, a
+    # StaticCache's buffers): without it every input would be copied per CUDA-graph replay.
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = dict(gm._param_name_to_source)
+    for old_node, new_node in zip(gm.graph.find_nodes(op="placeholder"),
+                                  new.graph.find_nodes(op="placeholder")):
+        if hasattr(old_node, "_dynamo_source"):
+            new_node._dynamo_source = old_node._dynamo_source
     return new

@@ -10,7 +10,9 @@ StaticCache take their mirrors with them. Validity: an entry is used only while 
 the version counter it had when the mirror was made; any write to K outside a compiled
 DSA graph (``StaticCache.reset``, an in-place reorder, a user's edit) makes the next
 lookup a miss, and a miss re-projects all of K eagerly -- exact, counted in
-:attr:`IndexKeyStore.rows_projected`. A new K tensor (beam search's ``index_select``,
+:attr:`IndexKeyStore.rows_projected` -- into the same mirror tensor where it has one
+(a mirror is a static graph input: under CUDA graphs its address must not move). A new
+K tensor (beam search's ``index_select``,
 ``crop``) is a miss for the same reason.
 """
 
@@ -49,7 +51,13 @@ class IndexKeyStore:
         self.misses += 1
         self.rows_projected += k.shape[0] * k.shape[2]
         with torch.no_grad():
-            return indexer.project_keys(k).to(dtype).contiguous()
+            fresh = indexer.project_keys(k).to(dtype)
+            if (e is not None and e.ref() is k and e.mirror.dtype == dtype
+                    and e.mirror.shape == fresh.shape):
+                # Same cache tensor (a reset, a reorder in place): keep the mirror's
+                # address, which a CUDA graph replaying this step has baked in.
+                return e.mirror.copy_(fresh)
+            return fresh.contiguous()
 
     def record(self, k: torch.Tensor, mirror: torch.Tensor, indexer) -> None:
         """``mirror`` holds the index keys of ``k`` as it is now."""

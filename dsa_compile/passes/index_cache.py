@@ -201,6 +201,9 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
                 example = _fake_mirror(src_val, width, dtype)
                 mirror.meta["example_value"] = mirror.meta["val"] = example
                 mirror._dynamo_source = None
+                # A fixed address, like a StaticCache's buffers: CUDA graphs neither copy
+                # it in each replay nor refuse the graph for writing it in place.
+                mirror.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
                 new_placeholders.append((mirror, example))
                 plan.inputs.append(MirrorInput(placeholders.index(source), indexer, dtype))
             if kind == "dynamic":
