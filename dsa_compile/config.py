@@ -16,6 +16,12 @@ any length (quality studies, memory), or a smaller value once faster kernels mov
 crossover down."""
 
 
+def dense_threshold(top_k: int, dense_below: int) -> int:
+    """The one rule of the dense dispatch: a query that sees at most this many keys uses
+    dense attention (0: none does). The ONNX function body spells it in ONNX ops."""
+    return max(top_k, dense_below) if dense_below > 0 else 0
+
+
 def _check_int(name: str, value: Any, low: int, optional: bool = False, hint: str = "") -> None:
     """Raise unless ``value`` is an int >= ``low`` (or None when ``optional``); not a bool."""
     if optional and value is None:
@@ -126,4 +132,4 @@ class DSAConfig:
 
     def dense_threshold(self) -> int:
         """Visible-key count at or below which a query uses dense attention."""
-        return max(self.top_k, self.dense_below) if self.dense_below > 0 else 0
+        return dense_threshold(self.top_k, self.dense_below)

@@ -10,6 +10,18 @@ import triton.language as tl
 # Kernels run on CPU tensors only in Triton's interpreter (tests in CI); some choices
 # (configs, bf16 dots) differ there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# DSA_TRITON_AUTOTUNE=0: every kernel takes the config autotuning picked on an H200
+# (benchmarks/RESULTS.md) instead of searching (no tuning cost on first launch).
+AUTOTUNE = os.environ.get("DSA_TRITON_AUTOTUNE") != "0"
+
+
+def kernel_configs(interpreted: triton.Config, tuned: triton.Config,
+                   search: list[triton.Config]) -> list[triton.Config]:
+    """A kernel's autotune configs: one small config in the interpreter, the H200's pick
+    without autotuning, else the search space. The one place these switches are read."""
+    if INTERPRET:
+        return [interpreted]
+    return search if AUTOTUNE else [tuned]
 
 
 @triton.jit

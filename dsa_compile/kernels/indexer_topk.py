@@ -16,13 +16,11 @@ a sort and ties go to the smaller key index, as the contract says.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.common import INTERPRET, dot
+from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
 from dsa_compile.kernels.select_topk import select_topk_rows
 
 # Float32 scores kept per chunk of query rows (bytes); bounds the selection's memory.
@@ -35,17 +33,13 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
-        # The config autotune picked on an H200 (benchmarks/RESULTS.md); no tuning cost.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128))
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+    return kernel_configs(
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+         for bm, bn in ((64, 64), (64, 128), (128, 64), (128, 128))
+         for w in (4, 8)
+         for s in (2, 3)])
 
 
 @triton.autotune(configs=_configs(), key=["H", "D", "CAUSAL", "HAS_MASK", "KEY_SCALE"])

@@ -28,13 +28,11 @@ answer; the sample only decides how much work it takes.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.common import INTERPRET
+from dsa_compile.kernels.common import kernel_configs
 
 # Sample pieces are this many keys wide; the sample aims at rank ~SAMPLE_RANK.
 SAMPLE = 256
@@ -43,15 +41,12 @@ FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)  # torch.finfo(torch.float
 
 
 def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1)]
-    if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
-        return [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2)]
-    return [
-        triton.Config({"BLOCK": blk}, num_warps=w, num_stages=2)
-        for blk in (512, 1024, 2048)
-        for w in (4, 8)
-    ]
+    return kernel_configs(
+        triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2),
+        [triton.Config({"BLOCK": blk}, num_warps=w, num_stages=2)
+         for blk in (512, 1024, 2048)
+         for w in (4, 8)])
 
 
 @triton.jit

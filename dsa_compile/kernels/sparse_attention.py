@@ -14,31 +14,25 @@ bytes in bf16), so for small R the kernel is bound by gather bandwidth, not by F
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.common import INTERPRET, dot
+from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    if os.environ.get("DSA_TRITON_AUTOTUNE") == "0":
-        # The config autotune picked on an H200 (benchmarks/RESULTS.md); no tuning cost.
-        return [triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2)]
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (bn == 128 and s == 4)
-    ]
+    return kernel_configs(
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
+        [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+         for bn in (32, 64, 128)
+         for w in (4, 8)
+         for s in (2, 3, 4)
+         if not (bn == 128 and s == 4)])
 
 
 def _prune(configs, named_args, **kwargs):

@@ -278,10 +278,10 @@ class SDPAOverrideDSA(torch.nn.Module):
             rep = k.shape[1] // indexer.num_kv_heads
             k, v = k[:, ::rep], v[:, ::rep]
         q_idx, k_idx, w = indexer(call.q, k)
-        return torch.ops.dsa.attention(call.q, k, v, q_idx, k_idx, w,
-                                       self.config.top_k, call.scale, call.causal,
-                                       call.k.shape[2] - call.q.shape[2], None,
-                                       self.config.softcap, 0)
+        return torch.ops.dsa.attention(call.q, k, v, q_idx, k_idx, w, self.config.top_k,
+                                       call.scale, causal=call.causal,
+                                       q_offset=call.k.shape[2] - call.q.shape[2],
+                                       softcap=self.config.softcap, dense_below=0)
 
     def forward(self, *args):
         from dsa_compile.evaluation import attention_override

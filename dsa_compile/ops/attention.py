@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsa_compile import reference
-from dsa_compile.config import DENSE_BELOW_DEFAULT
+from dsa_compile.config import DENSE_BELOW_DEFAULT, dense_threshold
 from dsa_compile.ops.checks import (
     check,
     check_attention_args,
@@ -30,9 +30,9 @@ from dsa_compile.reference.dense import MASKED_BIAS
 
 def dense_rows(lq: int, lk: int, top_k: int, q_offset: int, causal: bool, dense_below: int) -> int:
     """How many leading queries take the dense path (query t sees q_offset + t + 1 keys)."""
-    if dense_below <= 0:
+    threshold = dense_threshold(top_k, dense_below)
+    if threshold == 0:
         return 0
-    threshold = max(top_k, dense_below)
     if not causal:
         return lq if lk <= threshold else 0
     return min(max(threshold - q_offset, 0), lq)

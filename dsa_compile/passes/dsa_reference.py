@@ -22,6 +22,7 @@ import torch
 from torch import fx
 from torch.fx import Node
 
+from dsa_compile.ops.spec import call_args
 from dsa_compile.passes.masks import classify_bool
 from dsa_compile.passes.normalize import arg, op_of, val, very_negative
 from dsa_compile.passes.site import AttentionSite, Reject
@@ -80,11 +81,14 @@ def rewrite_reference_site(gm: fx.GraphModule, site: AttentionSite) -> None:
         q, k, v = site.q.node, site.k.node, site.v.node
         if site.k.perm is not None:
             k = g.call_method("permute", (k, *site.k.perm))
-        idx = g.call_function(torch.ops.dsa.indexer_topk.default, (
-            e["q_idx"], e["k_idx"], e["w"], e["top_k"], site.q_offset, site.causal, None))
+        topk, sparse = torch.ops.dsa.indexer_topk.default, torch.ops.dsa.sparse_attention.default
+        idx = g.call_function(topk, call_args(
+            topk, q_idx=e["q_idx"], k_idx=e["k_idx"], w=e["w"], top_k=e["top_k"],
+            q_offset=site.q_offset, causal=site.causal))
         idx = g.call_method("unsqueeze", (idx, 1))
-        res = g.call_function(torch.ops.dsa.sparse_attention.default,
-                              (q, k, v, idx, float(site.scale), float(site.softcap)))
+        res = g.call_function(sparse, call_args(
+            sparse, q=q, k=k, v=v, indices=idx, scale=float(site.scale),
+            softcap=float(site.softcap)))
         out = g.call_function(operator.getitem, (res, 0))
     site.output.replace_all_uses_with(out)
     for n in reversed(list(g.nodes)):

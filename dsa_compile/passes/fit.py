@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from dsa_compile.indexer import FIT_MIN_TOKENS, Indexer
+from dsa_compile.ops.spec import set_args
 from dsa_compile.passes.normalize import mutates, op_of
 
 
@@ -135,15 +136,15 @@ def _dense_sites(gm: fx.GraphModule):
     """Every dsa.attention node of ``gm`` with dense_below = all keys, for the block."""
     saved = {}
     for n in gm.graph.nodes:
-        if n.target is torch.ops.dsa.attention.default and len(n.args) == 13:
-            saved[n] = n.args
-            n.args = (*n.args[:12], 2**62)
+        if n.target is torch.ops.dsa.attention.default:
+            saved[n] = (n.args, n.kwargs)
+            set_args(n, dense_below=2**62)
     gm.recompile()
     try:
         yield
     finally:
-        for n, args in saved.items():
-            n.args = args
+        for n, (args, kwargs) in saved.items():
+            n.args, n.kwargs = args, kwargs
         gm.recompile()
 
 

@@ -32,6 +32,7 @@ from torch import fx
 from torch.fx import Node
 
 from dsa_compile.indexer import Indexer
+from dsa_compile.ops.spec import get_arg, set_args
 from dsa_compile.passes.normalize import mutates, val
 
 
@@ -165,7 +166,7 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
     attentions = [n for n in g.nodes if n.op == "call_function"
                   and n.target is torch.ops.dsa.attention.default]
     for att in attentions:
-        k_idx = att.args[4]
+        k_idx = get_arg(att, "k_idx")
         if not (isinstance(k_idx, Node) and k_idx.target is operator.getitem
                 and k_idx.args[1] == 1 and k_idx.args[0].op == "call_module"):
             continue
@@ -220,7 +221,7 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
             cached = whole
             for stop in reversed(stops):
                 cached = g.call_function(operator.getitem, (cached, (_FULL, slice(None, stop))))
-            att.args = (*att.args[:4], cached, *att.args[5:])
+            set_args(att, k_idx=cached)
         tied = write.args[0] if kind == "static" else write
         if tied in outs:
             extra_outs.append(whole if kind == "dynamic" else mirror)

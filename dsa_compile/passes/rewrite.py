@@ -2,7 +2,9 @@
 
     q, k  --call_module(indexer)-->  q_idx, k_idx, w
     dsa.attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset,
-                  key_mask, softcap, dense_below)  -> same layout as the dense output
+                  key_mask, softcap, dense_below, mask, bias)  -> the dense output's layout
+
+(built by argument name from the op's schema: :mod:`dsa_compile.ops.spec`)
 
 The indexer comes from :data:`dsa_compile.indexer.REGISTRY`, anchored on the real
 parameter tensors of the site's module, so every compile of the same model (a
@@ -24,6 +26,7 @@ from torch.fx import Node
 
 from dsa_compile.config import DSAConfig
 from dsa_compile.indexer import REGISTRY
+from dsa_compile.ops.spec import call_args
 from dsa_compile.passes.normalize import val
 from dsa_compile.passes.site import AttentionSite, Operand
 
@@ -145,10 +148,12 @@ def emit_attention(gm: fx.GraphModule, site: AttentionSite, q: Node, k: Node, v:
     key_mask = _key_mask(g, site, q, k)
     mask, bias = _general_masks(g, site, q, k)
     softcap = config.softcap or site.softcap
-    return g.call_function(torch.ops.dsa.attention.default, (
-        q, k, v, q_idx, k_idx, w, config.top_k, float(site.scale), bool(site.causal),
-        site.q_offset, key_mask, float(softcap), config.dense_below),
-        {"mask": mask, "bias": bias})
+    op = torch.ops.dsa.attention.default
+    return g.call_function(op, call_args(
+        op, q=q, k=k, v=v, q_idx=q_idx, k_idx=k_idx, w=w, top_k=config.top_k,
+        scale=float(site.scale), causal=bool(site.causal), q_offset=site.q_offset,
+        key_mask=key_mask, softcap=float(softcap), dense_below=config.dense_below,
+        mask=mask, bias=bias))
 
 
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite, index: int, config: DSAConfig,
