@@ -9,7 +9,11 @@ Random weights (all ``--layers`` layers, bf16, Hq=32, Hkv=8, D=128, hidden 4096,
 tokens. Each method runs ``steps`` greedy decode steps (after 3 warm-up steps) through
 the compiled ``forward`` the way ``generate`` does (one token per sequence, its
 cache_position); tokens/s = B * steps / time. Methods: ``inductor`` =
-``torch.compile(forward, mode="reduce-overhead")``, ``dsa`` = ``torch.compile(forward,
+``torch.compile(forward, mode="reduce-overhead")`` on Hugging Face's sdpa attention
+(which repeats K/V to Hq heads when a mask is passed, as it is under a StaticCache);
+``inductor_gqa`` = the same with dense SDPA called on the KV heads directly, the G query
+heads of a group folded into the query axis (no K/V copy: the strongest dense decode
+Hugging Face models can be given without new kernels); ``dsa`` = ``torch.compile(forward,
 backend="dsa", options={"top_k": 2048, "mode": "reduce-overhead"})`` (CUDA graphs on
 both; ``--no-cudagraphs`` for neither). The index-key cache is on: the first compiled
 step projects the context's index keys once (a miss per layer), later steps hit.
@@ -62,6 +66,55 @@ def random_llama(layers: int, shape: str = "llama8b", device: str = "cuda"):
 DEV = "cuda"
 
 
+def sdpa_folded(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                is_causal=None, **kwargs):
+    """Hugging Face attention function: dense SDPA without repeating K/V for GQA.
+
+    query [B, Hq, Lq, D], key/value [B, Hkv, L, D], attention_mask [B|1, 1, Lq, >=L]
+    (bool or additive) or None -> ([B, Lq, Hq, D], None). The G = Hq / Hkv query heads
+    of a KV group are consecutive, so [B, Hkv, G * Lq, D] queries meet their group's
+    keys in one SDPA call; the mask rows repeat G times to match.
+    """
+    b, hq, lq, d = query.shape
+    hkv, length = key.shape[1], key.shape[-2]
+    g = hq // hkv
+    mask = attention_mask
+    if mask is None and lq > 1:  # causal, the queries ending at the last key
+        mask = torch.ones(lq, length, dtype=torch.bool, device=query.device).tril(length - lq)
+        mask = mask[None, None]
+    if mask is not None:
+        mask = mask[..., :length]
+        if lq > 1:
+            mask = mask.unsqueeze(2).expand(mask.shape[0], 1, g, lq, length)
+            mask = mask.reshape(mask.shape[0], 1, g * lq, length)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, hkv, g * lq, d), key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, lq, d).transpose(1, 2).contiguous(), None
+
+
+def register_folded() -> None:
+    """Make ``sdpa_folded`` an attention implementation (with sdpa's masks)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register("sdpa_folded", sdpa_folded)
+    AttentionMaskInterface.register("sdpa_folded", sdpa_mask)
+
+
+def check_folded(model) -> float:
+    """Max |logits| difference of sdpa_folded against sdpa on one short batch (eager)."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row
+    outs = []
+    with torch.no_grad():
+        for impl in ("sdpa", "sdpa_folded"):
+            model.config._attn_implementation = impl
+            outs.append(model(input_ids=ids, attention_mask=mask).logits.float())
+    model.config._attn_implementation = "sdpa"
+    return (outs[0] - outs[1]).abs().max().item()
+
+
 def _sync() -> None:
     if DEV == "cuda":
         torch.cuda.synchronize()
@@ -91,9 +144,11 @@ def make_cache(model, batch: int, length: int, capacity: int, prefill: bool):
     return cache
 
 
-def decode_rate(model, compile_kw, length, batch, steps, prefill=False):
-    """(tokens/s, ms per step, seconds of compile + warm-up) of ``steps`` decode steps."""
+def decode_rate(model, compile_kw, length, batch, steps, prefill=False, attn="sdpa"):
+    """(tokens/s, ms per step, seconds of compile + warm-up, index-key cache stats) of
+    ``steps`` decode steps."""
     torch._dynamo.reset()
+    model.config._attn_implementation = attn
     forward = torch.compile(type(model).forward.__get__(model), **compile_kw)
     cache = make_cache(model, batch, length, length + steps + 8, prefill)
     nxt = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEV)
@@ -111,8 +166,12 @@ def decode_rate(model, compile_kw, length, batch, steps, prefill=False):
             elapsed = time.perf_counter() - t0
             if warm:
                 t_warm = time.perf_counter() - t_warm
+    from dsa_compile import index_key_cache
+
+    stats = index_key_cache().stats()  # while the cache (the store's key) is alive
     del cache, out
-    return batch * steps / elapsed, elapsed / steps * 1e3, t_warm
+    model.config._attn_implementation = "sdpa"
+    return batch * steps / elapsed, elapsed / steps * 1e3, t_warm, stats
 
 
 def copy_bandwidth() -> float:
@@ -169,7 +228,9 @@ def main() -> None:
     print(f"{args.shape}, layers {layers}, weights {weight_bytes / 1e9:.2f} GB: "
           f"{weight_bytes / bw * 1e3:.2f} ms per step at the copy bandwidth {bw / 1e12:.2f} TB/s")
     mode = {"mode": "reduce-overhead"} if graphs else {}
-    methods = {"inductor": dict(mode),
+    register_folded()
+    print(f"sdpa_folded vs sdpa, eager logits max |diff| {check_folded(model):.2e}")
+    methods = {"inductor": dict(mode), "inductor_gqa": dict(mode),
                "dsa": {"backend": "dsa", "options": {"top_k": top_k, **mode}}}
     if DEV == "cpu":  # the reference ops: sparse from the first key past top_k
         methods["dsa"]["options"]["dense_below"] = 0
@@ -177,7 +238,7 @@ def main() -> None:
             "top_k": top_k, "dense_below": 0, "index_cache": False}}
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods}
-    print(f"{'B':>3} {'L':>7} {'method':<11} {'tok/s':>8} {'ms/step':>8} {'x inductor':>10} "
+    print(f"{'B':>3} {'L':>7} {'method':<12} {'tok/s':>8} {'ms/step':>8} {'x inductor':>10} "
           f"{'warm s':>7}", flush=True)
     for batch in args.batch:
         for length in args.lengths:
@@ -193,20 +254,20 @@ def main() -> None:
             for name, kw in methods.items():
                 index_key_cache().clear()
                 try:
-                    rate, ms, warm = decode_rate(model, kw, length, batch, args.steps,
-                                                 args.prefill)
+                    rate, ms, warm, st = decode_rate(
+                        model, kw, length, batch, args.steps, args.prefill,
+                        "sdpa_folded" if name == "inductor_gqa" else "sdpa")
                 except Exception as e:  # report and go on with the next point
-                    print(f"{batch:>3} {length:>7} {name:<11} failed: {type(e).__name__}: "
+                    print(f"{batch:>3} {length:>7} {name:<12} failed: {type(e).__name__}: "
                           f"{str(e)[:400]}", flush=True)
                     continue
                 base = base or (rate if name == "inductor" else None)
                 extra = ""
                 if name.startswith("dsa"):
-                    st = index_key_cache().stats()
                     extra = (f"  index-key cache hits {st['hits']}, misses {st['misses']}, "
-                             f"{st['bytes'] / 1e6:.0f} MB (K/V cache {kv / 1e6:.0f} MB)")
+                             f"{st['bytes'] / 1e6:.1f} MB (K/V cache {kv / 1e6:.0f} MB)")
                 ratio = f"{rate / base:9.2f}x" if base else f"{'-':>10}"
-                print(f"{batch:>3} {length:>7} {name:<11} {rate:8.1f} {ms:8.2f} {ratio} "
+                print(f"{batch:>3} {length:>7} {name:<12} {rate:8.1f} {ms:8.2f} {ratio} "
                       f"{warm:7.1f}{extra}", flush=True)
                 if DEV == "cuda":
                     torch.cuda.empty_cache()

@@ -35,9 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.evaluation import SiteCall, attention_override, site_anchors
+from dsa_compile.evaluation import SiteCall, attention_override, grouped_indexer_for, site_anchors
 from dsa_compile.files import destination, write_atomic
-from dsa_compile.indexer import REGISTRY, Indexer, non_finite_parameters
+from dsa_compile.indexer import REGISTRY, GroupedIndexer, Indexer, non_finite_parameters
+from dsa_compile.metrics import peak_recall
 
 FORMAT = "dsa_compile.indexers"
 VERSION = "1"
@@ -48,7 +49,7 @@ _PARAMS = ("wq", "bq", "wk", "bk", "ww", "bw")
 class _Site:
     name: str
     module: nn.Module
-    indexer: Indexer
+    indexer: Indexer | GroupedIndexer
     scale: float
     causal: bool
     acts: list[tuple[Tensor, Tensor]]  # per batch: q [B, Hq, L, D], k [B, Hkv, L, D] on CPU
@@ -56,13 +57,32 @@ class _Site:
 
 @dataclasses.dataclass
 class CalibrationResult:
-    """What :func:`calibrate` did. ``losses``: mean KL per step (all steps, resumed ones too)."""
+    """What :func:`calibrate` did. ``losses``: mean KL per step (all steps, resumed ones too).
+
+    ``retrieval_before`` / ``retrieval_after``: the retrieval check, the share of distant
+    attention peaks (a query head putting at least half its mass on one key, not an
+    attention sink and at least 64 positions back) whose key the top_k
+    selection keeps, over every site, on the calibration batches before and after
+    training (:func:`dsa_compile.metrics.peak_recall`); ``peaks`` counts them. A
+    passkey needle is read through such peaks, so a drop here is a retrieval loss that
+    the mean KL can hide."""
 
     steps: int
     tokens: int
     seconds: float
     losses: list[float]
     sites: list[str]
+    retrieval_before: float = math.nan
+    retrieval_after: float = math.nan
+    peaks: int = 0
+
+    def __str__(self) -> str:
+        kl = (f"KL {self.losses[0]:.4f} -> {sum(self.losses[-10:]) / min(10, len(self.losses)):.4f}"
+              if self.losses else "no steps")
+        return (f"calibration: {self.steps} steps, {self.tokens} tokens, {len(self.sites)} sites, "
+                f"{self.seconds:.0f} s, {kl}; retrieval check (attention peaks kept by the "
+                f"selection, {self.peaks} peaks): {self.retrieval_before:.4f} -> "
+                f"{self.retrieval_after:.4f}")
 
 
 def _run(model: nn.Module, batch) -> None:
@@ -79,11 +99,13 @@ def _batch_tokens(batch) -> int:
 
 @torch.no_grad()
 def capture_sites(model: nn.Module, batches: Iterable, config: DSAConfig,
-                  caller: str = "calibrate") -> tuple[dict[str, _Site], int]:
+                  caller: str = "calibrate",
+                  per_group: bool = False) -> tuple[dict[str, _Site], int]:
     """One dense forward per batch, recording every site's q and k (post-RoPE).
 
-    Creates (or finds) each site's indexer in the registry and fits an unfitted one on
-    the first batch. Returns ({site: _Site}, tokens seen). Raises ValueError (prefixed
+    Creates (or finds) each site's indexer in the registry (with ``per_group``, its
+    :class:`GroupedIndexer` in ``GROUPED_REGISTRY``) and fits an unfitted one on the first
+    batch. Returns ({site: _Site}, tokens seen). Raises ValueError (prefixed
     with ``caller``) when ``batches`` is empty, a site's q or k holds NaN / inf, or the
     model makes no attention call DSA can take.
     """
@@ -103,9 +125,9 @@ def capture_sites(model: nn.Module, batches: Iterable, config: DSAConfig,
         site = sites.get(call.name)
         if site is None:
             fqns, anchors = site_anchors(model, call.module, call.name)
-            indexer = REGISTRY.get_or_create(call.name, fqns, anchors, call.q.shape[1],
-                                             call.k.shape[1], call.q.shape[-1], config,
-                                             device=call.q.device)
+            indexer = grouped_indexer_for(model, call) if per_group else REGISTRY.get_or_create(
+                call.name, fqns, anchors, call.q.shape[1], call.k.shape[1], call.q.shape[-1],
+                config, device=call.q.device)
             if not indexer.fitted:
                 indexer.fit(call.q, call.k)
             site = sites[call.name] = _Site(call.name, call.module, indexer, call.scale,
@@ -134,6 +156,48 @@ def fit_indexers(model: nn.Module, batches: Iterable, config: DSAConfig | None =
     the activations of the first batch (see :meth:`Indexer.fit`). Returns the site names."""
     sites, _ = capture_sites(model, batches, config or DSAConfig(), caller="fit_indexers")
     return list(sites)
+
+
+def _units(indexer: Indexer | GroupedIndexer, q: Tensor,
+           k: Tensor) -> list[tuple[Indexer, Tensor, Tensor]]:
+    """(indexer, q, k) pieces trained on their own: a shared indexer on all the site's
+    heads, or each KV group's indexer of a GroupedIndexer on that group's heads."""
+    if isinstance(indexer, GroupedIndexer):
+        return [(ix, *indexer.group_inputs(q, k, g)) for g, ix in enumerate(indexer.groups)]
+    return [(indexer, q, k)]
+
+
+def _device(indexer: nn.Module) -> torch.device:
+    return next(indexer.parameters()).device
+
+
+RETRIEVAL_SINKS = 4
+RETRIEVAL_MIN_DISTANCE = 64
+"""The retrieval check counts distant peaks only: not on the first 4 keys (attention
+sinks) nor within 64 positions. Counting every peak, SmolLM2 calibrations scored
+0.9996-1.0000 while their 4K passkeys ranged 9/16-16/16 (benchmarks/RESULTS.md)."""
+
+
+@torch.no_grad()
+def retrieval_check(sites: dict[str, _Site], top_k: int,
+                    max_rows: int = 256) -> tuple[float, int]:
+    """(share of attention peaks the selection keeps, peaks) over every site and batch:
+    :func:`dsa_compile.metrics.peak_recall` on up to ``max_rows`` evenly spaced query rows
+    per batch that see more than top_k keys."""
+    kept, peaks = 0, 0
+    for site in sites.values():
+        dev = _device(site.indexer)
+        for q, k in site.acts:
+            lq = q.shape[2]
+            if lq <= top_k:
+                continue
+            rows = torch.linspace(top_k, lq - 1, min(max_rows, lq - top_k)).long().unique()
+            for ix, qu, ku in _units(site.indexer, q.to(dev), k.to(dev)):
+                hit, count = peak_recall(ix, qu, ku, site.scale, site.causal, rows.to(dev),
+                                         top_k, sinks=RETRIEVAL_SINKS,
+                                         min_distance=RETRIEVAL_MIN_DISTANCE)
+                kept, peaks = kept + hit, peaks + count
+    return (kept / peaks if peaks else math.nan), peaks
 
 
 def attention_target(probs: Tensor, head_max: float = 0.0) -> Tensor:
@@ -212,12 +276,17 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
               steps: int = 300, lr: float = 1e-2, *, rows_per_step: int = 128,
               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 50,
               progress: bool = True, seed: int = 0,
-              recall_weight: float = 0.0, head_max: float = 0.5) -> CalibrationResult:
+              recall_weight: float = 0.0, head_max: float = 0.5,
+              per_group: bool = False, check_retrieval: bool = True) -> CalibrationResult:
     """Dense warm-up of every site's indexer; the model itself is frozen.
 
     Args:
         model: the dense model (its attention through ``F.scaled_dot_product_attention``).
-        batches: iterable of input_ids int64 [B, L] or of dicts of model kwargs.
+        batches: iterable of input_ids int64 [B, L] or of dicts of model kwargs. Give
+            lengths up to the context length the model will run at
+            (:func:`dsa_compile.evaluation.mixed_length_blocks`): the indexers only learn
+            the relative positions they see. Batches of different lengths are drawn in
+            proportion to their tokens.
         config: top_k (queries seeing more keys are the ones trained) and indexer shape.
         steps: optimiser steps; each takes ``rows_per_step`` random query rows of one
             random batch, for every site.
@@ -239,6 +308,12 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
             the head count, and an oracle selecting by the max over heads found 4/4
             passkeys at 1.5K where the head-summed oracle found 3/4 (4 trials each);
             calibrated on 4 x 2048 tokens, perplexity 11.823 (0.5) vs 11.839 (0).
+        per_group: calibrate each site's :class:`GroupedIndexer` (per-KV-group selection,
+            the harness's ``per_group=True``) instead of its shared indexer; each group's
+            indexer learns the target of its own heads. Not with ``checkpoint_dir``.
+        check_retrieval: measure the retrieval check before and after training
+            (``retrieval_before`` / ``retrieval_after`` of the result; about one extra
+            dense attention pass over 256 rows per batch and site).
 
     Returns a :class:`CalibrationResult`. Calibrated indexers are registered, so a
     later ``torch.compile(model, backend="dsa")`` or :func:`save_indexers` uses them.
@@ -252,6 +327,9 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
     """
     _check_calibrate_args(config, steps, lr, rows_per_step, checkpoint_every, recall_weight,
                           head_max, seed)
+    if per_group and checkpoint_dir is not None:
+        raise ValueError("calibrate: checkpoint_dir is not supported with per_group=True; "
+                         "pass checkpoint_dir=None")
     if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and \
             not os.path.isdir(checkpoint_dir):
         raise ValueError(f"calibrate: checkpoint_dir {os.fspath(checkpoint_dir)!r} exists and "
@@ -272,7 +350,9 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        sites, tokens = capture_sites(model, batches, config)
+        sites, tokens = capture_sites(model, batches, config, per_group=per_group)
+        before = retrieval_check(sites, config.top_k) if check_retrieval else (math.nan, 0)
+        weights = [max(1, _batch_tokens(batch)) for batch in batches]
         indexers = [s.indexer for s in sites.values()]
         params = [p for ix in indexers for p in ix.parameters()]
         for p in params:
@@ -291,16 +371,19 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
         gen = random.Random(seed + done)
         bar = _progress(range(done, steps), progress, steps, done)
         for step in bar:
-            b = gen.randrange(len(batches))
+            # Equal batches keep the plain draw (and earlier runs' random streams).
+            b = gen.randrange(len(batches)) if len(set(weights)) == 1 else \
+                gen.choices(range(len(batches)), weights)[0]
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for site in sites.values():
                 q, k = site.acts[b]
-                dev = site.indexer.wq.device
-                rows = _rows(q.shape[2], rows_per_step, config.top_k, gen)
-                loss = indexer_kl(site.indexer, q.to(dev), k.to(dev), site.scale, site.causal,
-                                  rows.to(dev), config.top_k if recall_weight else None,
-                                  recall_weight, head_max)
+                dev = _device(site.indexer)
+                rows = _rows(q.shape[2], rows_per_step, config.top_k, gen).to(dev)
+                units = _units(site.indexer, q.to(dev), k.to(dev))
+                loss = sum(indexer_kl(ix, qu, ku, site.scale, site.causal, rows,
+                                      config.top_k if recall_weight else None, recall_weight,
+                                      head_max) for ix, qu, ku in units) / len(units)
                 loss.backward()
                 value = loss.item()
                 if not math.isfinite(value):
@@ -320,6 +403,7 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
                 _checkpoint(model, opt, sites, ckpt, step + 1, losses)
         for ix in indexers:
             ix.fitted = True
+        after = retrieval_check(sites, config.top_k) if check_retrieval else (math.nan, 0)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -328,7 +412,8 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
-    return CalibrationResult(steps, tokens, time.perf_counter() - start, losses, list(sites))
+    return CalibrationResult(steps, tokens, time.perf_counter() - start, losses, list(sites),
+                             before[0], after[0], after[1])
 
 
 def _check_calibrate_args(config, steps, lr, rows_per_step, checkpoint_every, recall_weight,

@@ -429,3 +429,81 @@ def reset_indexers(model: nn.Module) -> list[str]:
     index_heads / index_dim). Graphs compiled earlier keep their indexers: call
     ``torch._dynamo.reset()`` before compiling again. Returns the site names dropped."""
     return REGISTRY.remove(model)
+
+
+# --------------------------------------------------------------------------- per KV group
+
+
+def grouped_index_shape(num_q_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """(H_I, d_I) of each KV group's indexer in a :class:`GroupedIndexer`: one head of
+    width budget / Hkv, so the Hkv groups together cost what the shared default costs
+    (SmolLM2: 3 groups x 1 x 48 = 144 multiply-adds per (query, key) pair)."""
+    budget = max(1, (num_q_heads * head_dim) // 4)
+    return 1, max(budget // num_kv_heads, 2)
+
+
+class GroupedIndexer(nn.Module):
+    """Per-KV-group selection: one :class:`Indexer` per KV group, each fed only its own
+    group's query heads and key head, each choosing its own top_k keys.
+
+    Selection then has the ``indices [B, G, Lq, top_k]`` shape with G = Hkv that
+    ``dsa::sparse_attention`` accepts, instead of one selection shared by all heads.
+    Group g's indexer is ``groups[g]``, an ordinary Indexer with Hq / Hkv query heads and
+    one KV head (so fit, calibration and its projections are the shared indexer's).
+
+    Args:
+        num_q_heads, num_kv_heads, head_dim: the site's attention shape (Hq, Hkv, D).
+        index_heads, index_dim: each group's (H_I, d_I); None = :func:`grouped_index_shape`.
+
+    Raises ValueError as :class:`Indexer` does.
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 index_heads: int | None = None, index_dim: int | None = None):
+        super().__init__()
+        if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of "
+                             f"num_kv_heads ({num_kv_heads})")
+        heads, dim = grouped_index_shape(num_q_heads, num_kv_heads, head_dim)
+        config = DSAConfig(index_heads=index_heads or heads, index_dim=index_dim or dim)
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.group_size = num_q_heads // num_kv_heads
+        self.groups = nn.ModuleList(Indexer(self.group_size, 1, head_dim, config)
+                                    for _ in range(num_kv_heads))
+
+    @property
+    def fitted(self) -> bool:
+        return all(ix.fitted for ix in self.groups)
+
+    @fitted.setter
+    def fitted(self, value: bool) -> None:
+        for ix in self.groups:
+            ix.fitted = value
+
+    @property
+    def cost_per_pair(self) -> int:
+        """Multiply-adds per (query, key) pair of all groups' index scores together."""
+        return sum(ix.index_heads * ix.index_dim for ix in self.groups)
+
+    def group_inputs(self, q: torch.Tensor, k: torch.Tensor,
+                     group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group ``group``'s q [B, Hq/Hkv, Lq, D] and k [B, 1, Lk, D] (views)."""
+        g = self.group_size
+        return q[:, group * g : (group + 1) * g], k[:, group : group + 1]
+
+    @torch.no_grad()
+    def fit(self, q: torch.Tensor, k: torch.Tensor, max_samples: int = 8192) -> GroupedIndexer:
+        """Fit every group's indexer on its own heads (see :meth:`Indexer.fit`)."""
+        for g, ix in enumerate(self.groups):
+            ix.fit(*self.group_inputs(q, k, g), max_samples=max_samples)
+        return self
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor):
+        """q: [B, Hq, Lq, D], k: [B, Hkv, Lk, D] -> one (q_idx [B, Lq, H_I, d_I],
+        k_idx [B, Lk, d_I], w [B, Lq, H_I]) per KV group, a list of Hkv tuples."""
+        return [ix(*self.group_inputs(q, k, g)) for g, ix in enumerate(self.groups)]
+
+
+GROUPED_REGISTRY = IndexerRegistry()
+"""Per-KV-group indexers (:class:`GroupedIndexer`) of the evaluation harness and
+calibration, kept apart from :data:`REGISTRY` so the compiled path never meets one."""

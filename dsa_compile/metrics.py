@@ -160,3 +160,50 @@ def _causal_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, top_k: int, positions:
     scores = torch.einsum("bqhk,bqh->bqk", torch.relu(dots), w.float())
     visible = torch.arange(k_idx.shape[1], device=q_idx.device)[None, :] <= positions[:, None]
     return select_topk(scores.masked_fill(~visible[None], float("-inf")), top_k)
+
+
+@torch.no_grad()
+def peak_recall(indexer: nn.Module, q: Tensor, k: Tensor, scale: float, causal: bool,
+                rows: Tensor, top_k: int, threshold: float = 0.5, sinks: int = 0,
+                min_distance: int = 0) -> tuple[int, int]:
+    """Retrieval check of one indexer: how many attention peaks its selection keeps.
+
+    A peak is a (query row, query head) whose dense attention puts at least ``threshold``
+    of its mass on one key (what a retrieval head does on a passkey needle); it is kept
+    when that key is among the indexer's top_k for the row. One selection serves all of
+    the indexer's query heads (for a per-KV-group indexer, pass one group's q and k).
+    Peaks on the first ``sinks`` keys (attention sinks) or on keys fewer than
+    ``min_distance`` positions back (local attention) are not counted: those are kept by
+    almost any selection and would hide the distant peaks retrieval needs.
+
+    Args:
+        indexer: an :class:`~dsa_compile.indexer.Indexer` for q's and k's heads.
+        q: [B, Hq, L, D]; k: [B, Hkv, L, D] (the same L: rows are absolute positions).
+        rows: int64 [R] query positions.
+
+    Returns (peaks kept, peaks).
+    """
+    b, hq, _, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    logits = torch.einsum("bgrqd,bgkd->bgrqk",
+                          q[:, :, rows].float().reshape(b, hkv, hq // hkv, -1, d),
+                          k.float()) * scale
+    if causal:
+        visible = torch.arange(lk, device=q.device)[None, :] <= rows[:, None]
+        logits = logits.masked_fill(~visible, float("-inf"))
+    top, key = logits.softmax(-1).max(-1)  # [B, Hkv, G, R]
+    q_idx, k_idx, w = indexer(q[:, :, rows], k)
+    if causal:
+        selected = _causal_topk(q_idx, k_idx, w, top_k, rows)
+    else:
+        selected = torch.ops.dsa.indexer_topk(q_idx, k_idx, w, top_k, 0, False, None)
+    chosen = torch.zeros(b, rows.numel(), lk + 1, dtype=torch.bool, device=q.device)
+    idx = selected.long()
+    chosen.scatter_(-1, torch.where(idx >= 0, idx, torch.full_like(idx, lk)), True)
+    peak = top >= threshold
+    peak &= key >= sinks
+    if causal:
+        peak &= rows - key >= min_distance  # key [B, Hkv, G, R], rows [R]
+    kept = torch.gather(chosen[:, None, None].expand(-1, hkv, hq // hkv, -1, -1), -1,
+                        key[..., None])[..., 0]
+    return int((kept & peak).sum()), int(peak.sum())

