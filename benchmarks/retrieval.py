@@ -77,7 +77,7 @@ def load_grouped(model, path: str) -> None:
     """Register the per-KV-group indexers of :func:`save_grouped`'s file for ``model``."""
     from safetensors import safe_open
 
-    from dsa_compile.evaluation import site_anchors
+    from dsa_compile.evaluation import model_anchors
 
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["sites"])
@@ -88,8 +88,7 @@ def load_grouped(model, path: str) -> None:
         ix.load_state_dict({key[len(name) + 1:]: t for key, t in tensors.items()
                             if key.startswith(name + "/")})
         ix.fitted = True
-        module = model.get_submodule(name)
-        fqns, anchors = site_anchors(model, module, name)
+        fqns, anchors = model_anchors(model, name)
         GROUPED_REGISTRY.register(name, fqns, anchors, ix.to(device))
 
 

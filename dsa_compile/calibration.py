@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.evaluation import SiteCall, attention_override, grouped_indexer_for, site_anchors
+from dsa_compile.evaluation import SiteCall, attention_override, grouped_indexer_for, model_anchors
 from dsa_compile.files import destination, write_atomic
 from dsa_compile.indexer import REGISTRY, GroupedIndexer, Indexer, non_finite_parameters
 from dsa_compile.metrics import peak_recall
@@ -124,7 +124,7 @@ def capture_sites(model: nn.Module, batches: Iterable, config: DSAConfig,
                     f"(a NaN weight propagates into every later layer): fix them first")
         site = sites.get(call.name)
         if site is None:
-            fqns, anchors = site_anchors(model, call.module, call.name)
+            fqns, anchors = model_anchors(model, call.name)
             indexer = grouped_indexer_for(model, call) if per_group else REGISTRY.get_or_create(
                 call.name, fqns, anchors, call.q.shape[1], call.k.shape[1], call.q.shape[-1],
                 config, device=call.q.device)
@@ -540,7 +540,7 @@ def _resume(model, sites, opt, ckpt: str) -> tuple[int, list[float]]:
     for name, site in sites.items():
         # Keep the indexer objects the optimiser holds; take the saved values into them.
         site.indexer.load_state_dict(loaded[name].state_dict())
-        fqns, anchors = site_anchors(model, site.module, name)
+        fqns, anchors = model_anchors(model, name)
         REGISTRY.register(name, fqns, anchors, site.indexer)
     opt.state.update(states)
     return step, losses

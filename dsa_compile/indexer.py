@@ -51,10 +51,10 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dsa_compile.config import DSAConfig
 
@@ -307,6 +307,20 @@ def non_finite_parameters(indexer: nn.Module) -> list[str]:
     """Names of the parameters of ``indexer`` holding NaN or inf (empty when all finite)."""
     return [n for n, p in indexer.named_parameters() if not bool(torch.isfinite(p).all())]
 
+
+
+def site_anchors(params: Mapping[str, Tensor], name: str) -> tuple[list[str], list[Tensor]]:
+    """The tensors a site's indexer is anchored on in a registry: every parameter of the
+    site module's subtree (FQNs relative to the root model), walking up the module path
+    until one has any. The one rule for the passes, the harness and calibration, so a
+    model compiled, evaluated or calibrated finds the same indexer."""
+    path = name
+    while True:
+        prefix = path + "." if path else ""
+        found = {f: t for f, t in params.items() if f.startswith(prefix)}
+        if found or not path:
+            return list(found), list(found.values())
+        path = path.rpartition(".")[0]
 
 class IndexerRegistry:
     """Maps a site's anchor parameters (by identity) to its :class:`Indexer`.

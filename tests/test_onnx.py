@@ -7,8 +7,6 @@ outputs to 1e-4 in fp32, selected key sets exactly.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import warnings
 
@@ -381,10 +379,8 @@ def test_failed_export_names_node_and_keeps_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["model.onnx"]
 
 
-def test_export_without_dsa_ops_fails_cleanly(tmp_path, monkeypatch):
-    # The package re-exports the function `export`, which shadows the module attribute.
-    export_module = importlib.import_module("dsa_compile.onnx.export")
-    monkeypatch.setattr(export_module, "_apply_available", lambda: False)
+def test_export_without_dsa_ops_fails_cleanly(tmp_path):
+    """No attention at all: apply converts nothing, the SDPA override swaps nothing."""
     path = tmp_path / "dense.onnx"
     with pytest.raises(dsa_onnx.ExportError, match="could be swapped for DSA"):
         dsa_onnx.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),), path)

@@ -3,6 +3,7 @@
 import models as M  # tests/ is on sys.path (rootdir conftest)
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dsa_compile
 from dsa_compile import DSAConfig
@@ -192,6 +193,62 @@ def test_reference_style_dsa_is_lowered_to_dsa_ops():
     assert not any(getattr(n, "name", "").startswith("dsa_indexer") for n in g.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(g(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def _einsum_dsa_layer(padded: bool = False):
+    """The reference layer with q/k/v kept [B, L, H, D] (einsum products: the operands
+    and the output carry permutes), optionally with a key-padding mask as well."""
+    base = _dsa_layer()
+
+    class EinsumDSALayer(base):
+        def forward(self, x, keep=None):
+            b, t, _ = x.shape
+            q = self.wq(x).view(b, t, self.h, self.d)
+            k = self.wk(x).view(b, t, self.h, self.d)
+            v = self.wv(x).view(b, t, self.h, self.d)
+            q_i = self.wq_index(x).view(b, t, self.hi, self.di)
+            k_i = self.wk_index(x)
+            w = self.w_index(x) * self.hi ** -0.5
+            index = torch.einsum("bshd,btd->bsht", q_i, k_i).relu()
+            index = (index * w[..., None]).sum(dim=2)
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            index = index.masked_fill(~causal, float("-inf"))
+            top = index.topk(min(self.top_k, t), dim=-1)[1]
+            sparse = torch.full((b, t, t), float("-inf")).scatter(-1, top, 0.0)
+            scores = torch.einsum("bshd,bthd->bhst", q, k) * self.d ** -0.5 + sparse[:, None]
+            scores = scores.masked_fill(~causal, float("-inf"))
+            if keep is not None:
+                scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+            out = torch.einsum("bhst,bthd->bshd", F.softmax(scores, dim=-1), v)
+            return self.wo(out.reshape(b, t, -1))
+
+    return EinsumDSALayer().eval()
+
+
+def test_reference_style_dsa_in_einsum_layout_is_lowered_exactly():
+    """The reference lowering applies the operands' and the output's layout transforms
+    (it used to permute only k)."""
+    layer = _einsum_dsa_layer()
+    x = torch.randn(2, 37, 64)
+    g = dsa_compile.apply(layer, (x,))
+    (site,) = g.dsa_report.sites
+    assert site.rewritten and site.kind == "dsa_reference", str(g.dsa_report)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_style_dsa_with_key_padding_stays_dense():
+    """The model's own index scores do not see its key padding: such a site is not
+    lowered to the reference ops (it used to be, dropping the padding)."""
+    layer = _einsum_dsa_layer()
+    x = torch.randn(2, 37, 64)
+    keep = torch.ones(2, 37, dtype=torch.bool)
+    keep[1, -5:] = False  # padding at the end: every query still sees a key
+    g = dsa_compile.apply(layer, (x, keep))
+    assert not any(s.kind == "dsa_reference" and s.rewritten for s in g.dsa_report.sites), \
+        str(g.dsa_report)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, keep), layer(x, keep), atol=1e-5, rtol=1e-5)
 
 
 def test_apply_fits_new_indexers_on_the_example_inputs():

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import fx
 
-from dsa_compile.backends.index_cache import call_with_mirrors
+from dsa_compile.backends.index_cache import call_with_mirrors, index_key_cache
 from dsa_compile.config import DSAConfig
 from dsa_compile.ops.dispatch import fp8_indexer
 from dsa_compile.passes import run_passes
@@ -83,7 +83,14 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, **k
             # With dynamic shapes sizes arrive as SymInts; their hints are the real sizes
             # (reading a hint adds no guard, so the compile stays dynamic).
             inputs = [hint(x) for x in example_inputs]
+            before = [(x, x._version) for x in inputs
+                      if isinstance(x, torch.Tensor) and not x.is_inference()]
             fit_new_indexers(gm, lambda sub: gm(*map(sub, inputs)), inputs)
+            # The fit run wrote in place only what the real call rewrites (a KV cache's
+            # new rows): index keys mirrored before it still hold.
+            for x, version in before:
+                if x._version != version:
+                    index_key_cache().carry_over(x, version)
             plan = _plan_index_cache(gm, config)
     except Exception as e:  # never break the user's model: fall back to the dense graph
         _warn_dense(e)

@@ -70,6 +70,14 @@ class IndexKeyStore:
 
         self._entries[key] = _Entry(weakref.ref(k, drop), k._version, mirror)
 
+    def carry_over(self, k: torch.Tensor, version: int) -> None:
+        """``k`` was written since ``version`` only where the next graph call rewrites it
+        (the fit run of a new graph on a KV cache it updates in place): the mirrors made
+        at ``version`` stay valid."""
+        for e in self._entries.values():
+            if e.ref() is k and e.version == version:
+                e.version = k._version
+
     def nbytes(self) -> int:
         """Bytes held by live mirrors."""
         seen, total = set(), 0

@@ -15,8 +15,9 @@ from dsa_compile.evaluation.harness import (
     grouped_indexer_for,
     head_summed_attention,
     indexer_for,
+    model_anchors,
     oracle_indices,
-    site_anchors,
+    site_dsa_attention,
     window_attention,
 )
 from dsa_compile.evaluation.models import SMOLLM2_GGUF, load_causal_lm, smollm2_folder
@@ -33,6 +34,6 @@ __all__ = [
     "MODES", "SMOLLM2_GGUF", "PasskeyResult", "SiteCall", "attention_override",
     "english_text", "greedy_continuation", "grouped_dsa_attention", "grouped_indexer_for",
     "head_summed_attention", "indexer_for", "load_causal_lm", "mixed_length_blocks",
-    "oracle_indices", "passkey", "passkey_prompt", "perplexity", "site_anchors",
-    "smollm2_folder", "token_blocks", "window_attention",
+    "oracle_indices", "passkey", "passkey_prompt", "perplexity", "model_anchors",
+    "site_dsa_attention", "smollm2_folder", "token_blocks", "window_attention",
 ]

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.indexer import GROUPED_REGISTRY, REGISTRY, GroupedIndexer, Indexer
+from dsa_compile.indexer import (
+    GROUPED_REGISTRY,
+    REGISTRY,
+    GroupedIndexer,
+    Indexer,
+    site_anchors,
+)
 
 MODES = ("dense", "window", "oracle", "dsa", "capture")
 
@@ -46,20 +52,14 @@ class SiteCall:
     causal: bool
 
 
-def site_anchors(model: nn.Module, module: nn.Module, name: str) -> tuple[list[str], list[Tensor]]:
-    """Every parameter of the site's module subtree, with FQNs relative to ``model``.
-
-    Registering under all of them means a compiler that anchors a site on any subset
-    (say q_proj.weight and k_proj.weight) finds the same indexer.
-    """
-    prefix = f"{name}." if name else ""
-    pairs = [(prefix + n, p) for n, p in module.named_parameters()]
-    return [n for n, _ in pairs], [p for _, p in pairs]
+def model_anchors(model: nn.Module, name: str) -> tuple[list[str], list[Tensor]]:
+    """:func:`~dsa_compile.indexer.site_anchors` of site ``name`` of ``model``."""
+    return site_anchors(dict(model.named_parameters()), name)
 
 
 def indexer_for(model: nn.Module, call: SiteCall, config: DSAConfig) -> Indexer:
     """The site's indexer from the registry (a training-free one on first use)."""
-    fqns, anchors = site_anchors(model, call.module, call.name)
+    fqns, anchors = model_anchors(model, call.name)
     hq, hkv, d = call.q.shape[1], call.k.shape[1], call.q.shape[-1]
     return REGISTRY.get_or_create(call.name, fqns, anchors, hq, hkv, d, config,
                                   device=call.q.device)
@@ -68,13 +68,31 @@ def indexer_for(model: nn.Module, call: SiteCall, config: DSAConfig) -> Indexer:
 def grouped_indexer_for(model: nn.Module, call: SiteCall) -> GroupedIndexer:
     """The site's per-KV-group indexer from :data:`GROUPED_REGISTRY` (a training-free one,
     fitted on its first call, when there is none)."""
-    fqns, anchors = site_anchors(model, call.module, call.name)
+    fqns, anchors = model_anchors(model, call.name)
     found = GROUPED_REGISTRY.lookup(anchors)
     if found is None:
         hq, hkv, d = call.q.shape[1], call.k.shape[1], call.q.shape[-1]
         found = GroupedIndexer(hq, hkv, d).to(call.q.device)
         GROUPED_REGISTRY.register(call.name, fqns, anchors, found)
     return found
+
+
+def site_dsa_attention(call: SiteCall, indexer: Indexer, config: DSAConfig,
+                       k: Tensor | None = None, v: Tensor | None = None) -> Tensor:
+    """DSA attention of one SDPA call with ``indexer``, sparse path forced: the one
+    place outside the passes that turns a site into ``dsa.attention`` (the harness's
+    "dsa" mode, calibration's checks and the ONNX exporter's SDPA override run it).
+
+    ``k`` / ``v``: [B, Hkv, Lk, D] in place of the call's (a caller that undid a K/V
+    repeat); the queries end at the last key (q_offset = Lk - Lq). Returns
+    [B, Hq, Lq, Dv].
+    """
+    k = call.k if k is None else k
+    v = call.v if v is None else v
+    q_idx, k_idx, w = indexer(call.q, k)
+    return torch.ops.dsa.attention(call.q, k, v, q_idx, k_idx, w, config.top_k, call.scale,
+                                   causal=call.causal, q_offset=k.shape[2] - call.q.shape[2],
+                                   softcap=config.softcap, dense_below=0)
 
 
 def grouped_dsa_attention(call: SiteCall, indexer: GroupedIndexer, config: DSAConfig) -> Tensor:
@@ -239,11 +257,7 @@ def attention_override(model: nn.Module, mode: str = "dense", config: DSAConfig 
                                                   call.scale, 0.0)[0]
         if per_group:
             return grouped_dsa_attention(call, grouped_indexer_for(model, call), config)
-        indexer = indexer_for(model, call, config)
-        q_idx, k_idx, w = indexer(call.q, call.k)
-        return torch.ops.dsa.attention(call.q, call.k, call.v, q_idx, k_idx, w, config.top_k,
-                                       call.scale, call.causal, call.k.shape[2] - call.q.shape[2],
-                                       None, config.softcap, 0)
+        return site_dsa_attention(call, indexer_for(model, call, config), config)
 
     mode_obj = _SDPAOverride(model, dispatch)
 

@@ -158,14 +158,6 @@ def _torch_export(model, example_args, dynamic: bool) -> torch.export.ExportedPr
     return torch.export.export(model, tuple(example_args), dynamic_shapes=shapes, strict=False)
 
 
-def _apply_available() -> bool:
-    try:
-        import dsa_compile.api  # noqa: F401  (written alongside; may not exist yet)
-    except ImportError:
-        return False
-    return True
-
-
 def _warn_unfitted(model: torch.nn.Module) -> None:
     """Tracing never fits an indexer, so an unfitted one would be exported data-free."""
     from dsa_compile.indexer import REGISTRY, Indexer
@@ -233,8 +225,8 @@ class SDPAOverrideDSA(torch.nn.Module):
     """``model`` with every SDPA call swapped for ``torch.ops.dsa.attention`` (sparse path
     forced, each site's registry indexer), through
     :func:`dsa_compile.evaluation.attention_override` -- the same PyTorch DSA model that
-    ``evaluation.perplexity(..., mode="dsa")`` measures. The rewrite export uses when
-    ``dsa_compile.apply`` is not available.
+    ``evaluation.perplexity(..., mode="dsa")`` measures. The rewrite export falls back
+    to when ``dsa_compile.apply`` converts nothing.
 
     The indexers are registered as submodules so their weights export as initializers;
     call the wrapper once eagerly (``prepare``) so every site's indexer exists (and fits
@@ -268,6 +260,8 @@ class SDPAOverrideDSA(torch.nn.Module):
         """The DSA attention of one SDPA call (what attention_override's "dsa" mode runs);
         the indexer is found by site name, since tracing replaces the parameters that
         the registry keys on."""
+        from dsa_compile.evaluation import site_dsa_attention
+
         indexer = self._sites.get(call.name)
         if indexer is None:
             raise ExportError(f"attention site {call.name!r} had no indexer after prepare()")
@@ -277,11 +271,7 @@ class SDPAOverrideDSA(torch.nn.Module):
             # instead of passing enable_gqa: take one copy of each back.
             rep = k.shape[1] // indexer.num_kv_heads
             k, v = k[:, ::rep], v[:, ::rep]
-        q_idx, k_idx, w = indexer(call.q, k)
-        return torch.ops.dsa.attention(call.q, k, v, q_idx, k_idx, w, self.config.top_k,
-                                       call.scale, causal=call.causal,
-                                       q_offset=call.k.shape[2] - call.q.shape[2],
-                                       softcap=self.config.softcap, dense_below=0)
+        return site_dsa_attention(call, indexer, self.config, k, v)
 
     def forward(self, *args):
         from dsa_compile.evaluation import attention_override
@@ -294,9 +284,7 @@ class SDPAOverrideDSA(torch.nn.Module):
 
 
 def _apply_rewrite(model, example_args, config) -> tuple[torch.nn.Module | None, str]:
-    """``dsa_compile.apply`` if it is installed and converts at least one site."""
-    if not _apply_available():
-        return None, "dsa_compile.apply is not installed"
+    """``dsa_compile.apply``'s rewrite when it converts at least one site."""
     try:
         rewritten = dsa_compile.apply(model, tuple(example_args), config)
     except Exception as err:  # any capture failure: fall back, but say why
@@ -313,7 +301,7 @@ def to_dsa_program(model: torch.nn.Module, example_args: Sequence[Any],
     """An ExportedProgram with dsa ops, and which rewrite made them.
 
     The rewrite is "model" (the model already calls the dsa ops), "apply"
-    (``dsa_compile.apply(model, example_args, config)``) or, when apply is missing or
+    (``dsa_compile.apply(model, example_args, config)``) or, when apply fails or
     converts nothing, "sdpa_override" (:class:`SDPAOverrideDSA`, with a warning).
     """
     program = _torch_export(model, example_args, dynamic)

@@ -11,13 +11,12 @@ import torch
 from torch import fx
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.passes.detect import find_sites, normalize_path
-from dsa_compile.passes.dsa_reference import find_reference_sites, rewrite_reference_site
-from dsa_compile.passes.mha import rewrite_mha_site
+from dsa_compile.passes.detect import normalize_path
+from dsa_compile.passes.forms import FORMS, find_sites, form_of
 from dsa_compile.passes.normalize import eliminate_dead_code
-from dsa_compile.passes.rewrite import COUNTERS, SiteRecord, record, rewrite_site, selected
+from dsa_compile.passes.rewrite import COUNTERS, SiteRecord, record, selected
 
-__all__ = ["COUNTERS", "SiteRecord", "normalize_path", "run_passes"]
+__all__ = ["COUNTERS", "FORMS", "SiteRecord", "find_sites", "normalize_path", "run_passes"]
 
 
 def run_passes(gm: fx.GraphModule, config: DSAConfig, params: dict[str, torch.Tensor],
@@ -35,24 +34,14 @@ def run_passes(gm: fx.GraphModule, config: DSAConfig, params: dict[str, torch.Te
     Returns one :class:`SiteRecord` per attention site found.
     """
     records = []
-    ref_sites = find_reference_sites(gm.graph)
-    taken = {n for s in ref_sites for n in s.nodes}
-    sites = ref_sites + [s for s in find_sites(gm.graph, lookup) if s.output not in taken
-                         and not (s.nodes & taken)]
-    for i, site in enumerate(sites):
+    for i, site in enumerate(find_sites(gm.graph, lookup)):
         if not site.reason:
             site.reason = selected(site.name, config)
         if not site.reason and config.min_keys:
-            lk = site.extra.get("lk")
-            if isinstance(lk, int) and lk < config.min_keys:
-                site.reason = f"{lk} keys < config.min_keys"
+            if isinstance(site.lk, int) and site.lk < config.min_keys:
+                site.reason = f"{site.lk} keys < config.min_keys"
         if not site.reason and rewrite:
-            if site.kind == "dsa_reference":
-                rewrite_reference_site(gm, site)
-            elif site.kind in ("mha", "encoder_layer"):
-                rewrite_mha_site(gm, site, i, config, params)
-            else:
-                rewrite_site(gm, site, i, config, params)
+            form_of(site.kind).rewrite(gm, site, i, config, params)
             COUNTERS[site.kind] += 1
         elif site.reason:
             COUNTERS["rejected"] += 1

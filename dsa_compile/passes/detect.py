@@ -27,7 +27,7 @@ import networkx as nx
 import torch
 from torch.fx import Graph, Node
 
-from dsa_compile.passes import mha
+from dsa_compile.passes.dsa_reference import match_reference
 from dsa_compile.passes.masks import MaskInfo, classify_additive, classify_bool
 from dsa_compile.passes.normalize import arg, is_number, op_of, val, very_negative
 from dsa_compile.passes.site import AttentionSite, Operand, Reject
@@ -65,31 +65,6 @@ def to_networkx(graph: Graph) -> nx.DiGraph:
     return g
 
 
-def find_sites(graph: Graph, lookup=lambda n: None) -> list[AttentionSite]:
-    """Every attention site of ``graph``, accepted (reason == '') or rejected."""
-    g = to_networkx(graph)
-    sites = []
-    for node in graph.nodes:
-        op = op_of(node)
-        if op not in ("sdpa", "softmax", "mha", "encoder_layer"):
-            continue
-        site = AttentionSite(name=module_path(node), kind=op, output=node)
-        try:
-            if op == "sdpa":
-                _match_sdpa(site, node, lookup)
-            elif op == "softmax":
-                if not _match_softmax(site, node, lookup, g):
-                    continue
-            else:
-                mha.match(site, node, lookup)
-            if op in ("sdpa", "softmax"):
-                _finish(site)
-        except Reject as e:
-            site.reason = str(e)
-        sites.append(site)
-    return sites
-
-
 def _shape(node) -> tuple:
     v = val(node)
     if v is None:
@@ -115,7 +90,7 @@ def _canonical_shape(o: Operand) -> tuple:
     return s
 
 
-def _finish(site: AttentionSite) -> None:
+def finish(site: AttentionSite) -> None:
     """Strip GQA repeats and fill in head counts; checks canonical shapes."""
     site.k = _strip_repeat(site.k)
     site.v = _strip_repeat(site.v)
@@ -127,7 +102,7 @@ def _finish(site: AttentionSite) -> None:
         raise Reject(f"head counts do not group: Hq={hq}, Hk={hkv}, Hv={vs[1]}")
     site.num_q_heads, site.num_kv_heads = hq, hkv
     site.head_dim = _static(qs[3], "head dim")
-    site.extra["lk"] = ks[2]
+    site.lk = ks[2]
     if qs[0] != ks[0] and ks[0] != 1:
         raise Reject("q and k batch sizes differ")
 
@@ -160,7 +135,7 @@ def _scalar(x, what: str) -> float:
     raise Reject(f"{what} is a tensor, not a constant")
 
 
-def _match_sdpa(site: AttentionSite, node: Node, lookup) -> None:
+def match_sdpa(site: AttentionSite, node: Node, lookup) -> None:
     q, k, v = node.args[:3]
     mask = arg(node, 3, "attn_mask")
     dropout = arg(node, 4, "dropout_p", 0.0)
@@ -192,7 +167,7 @@ def _apply_mask(site: AttentionSite, info: MaskInfo) -> None:
     site.masks += info.carried
 
 
-def _match_softmax(site: AttentionSite, sm: Node, lookup, g: nx.DiGraph) -> bool:
+def match_softmax(site: AttentionSite, sm: Node, lookup, g: nx.DiGraph) -> bool:
     """Returns False when the softmax is not attention-shaped at all (no report row)."""
     x = sm.args[0]
     dim = arg(sm, 1, "dim")
@@ -277,8 +252,6 @@ def _match_softmax(site: AttentionSite, sm: Node, lookup, g: nx.DiGraph) -> bool
     _apply_mask(site, masks)
     _prove_region(site, qk, pv, g)
     if masks.topk is not None:
-        from dsa_compile.passes.dsa_reference import match_reference
-
         match_reference(site, masks.topk, lookup)
     return True
 

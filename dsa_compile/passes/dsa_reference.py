@@ -25,12 +25,7 @@ from torch.fx import Node
 from dsa_compile.ops.spec import call_args
 from dsa_compile.passes.masks import classify_bool
 from dsa_compile.passes.normalize import arg, op_of, val, very_negative
-from dsa_compile.passes.site import AttentionSite, Reject
-
-
-def find_reference_sites(graph: fx.Graph) -> list[AttentionSite]:
-    """Reference sites are found by the softmax detector (see module doc)."""
-    return []
+from dsa_compile.passes.site import AttentionSite, ReferenceIndex, Reject
 
 
 def _strip(x):
@@ -40,7 +35,7 @@ def _strip(x):
 
 
 def match_reference(site: AttentionSite, topk: Node, lookup) -> None:
-    """Fill ``site.extra`` with q_I, k_I, w and top_k, or raise Reject."""
+    """Set ``site.reference`` (the model's q_I, k_I, w and top_k), or raise Reject."""
     if arg(topk, 2, "dim", -1) not in (-1, 2):
         raise Reject("topk is not over the key axis")
     scores = _strip(topk.args[0])
@@ -69,27 +64,31 @@ def match_reference(site: AttentionSite, topk: Node, lookup) -> None:
     if op_of(dots) != "einsum" or dots.args[0].replace(" ", "") != "bshd,btd->bsht":
         raise Reject("index dot products are not einsum('bshd,btd->bsht')")
     q_idx, k_idx = dots.args[1:3]
+    if site.key_factors or site.masks:  # the model's own index scores see no such mask
+        raise Reject("DSA-reference attention with a key-padding or general mask as well")
     site.kind = "dsa_reference"
-    site.extra.update(q_idx=q_idx, k_idx=k_idx, w=w, top_k=topk.args[1])
+    site.reference = ReferenceIndex(q_idx, k_idx, w, topk.args[1])
 
 
 def rewrite_reference_site(gm: fx.GraphModule, site: AttentionSite) -> None:
-    """indexer_topk(model's q_I, k_I, w) -> sparse_attention, in the output's layout."""
+    """indexer_topk(model's q_I, k_I, w) -> sparse_attention, in the output's layout
+    (the operands' layout transforms and the output's permute / squeeze / cast applied
+    as :func:`~dsa_compile.passes.rewrite.rewrite_site` applies them)."""
+    from dsa_compile.passes.rewrite import finish_output, operand
+
     g = gm.graph
-    e = site.extra
+    ref = site.reference
     with g.inserting_before(site.output):
-        q, k, v = site.q.node, site.k.node, site.v.node
-        if site.k.perm is not None:
-            k = g.call_method("permute", (k, *site.k.perm))
+        q, k, v = (operand(g, o) for o in (site.q, site.k, site.v))
         topk, sparse = torch.ops.dsa.indexer_topk.default, torch.ops.dsa.sparse_attention.default
         idx = g.call_function(topk, call_args(
-            topk, q_idx=e["q_idx"], k_idx=e["k_idx"], w=e["w"], top_k=e["top_k"],
+            topk, q_idx=ref.q_idx, k_idx=ref.k_idx, w=ref.w, top_k=ref.top_k,
             q_offset=site.q_offset, causal=site.causal))
         idx = g.call_method("unsqueeze", (idx, 1))
         res = g.call_function(sparse, call_args(
             sparse, q=q, k=k, v=v, indices=idx, scale=float(site.scale),
             softcap=float(site.softcap)))
-        out = g.call_function(operator.getitem, (res, 0))
+        out = finish_output(g, site, g.call_function(operator.getitem, (res, 0)))
     site.output.replace_all_uses_with(out)
     for n in reversed(list(g.nodes)):
         if n in site.nodes and not n.users:

@@ -219,8 +219,8 @@ def match(site: AttentionSite, node: Node, lookup) -> None:
         c = info.carried[0]
         raise Reject(f"mask '{c.node.name}' is {c.why}")
     site.causal, site.q_offset, site.key_factors = info.causal, info.offset, info.key_factors
-    site.extra["lk"] = val(attn.key).shape[0 if attn.seq_first else 1]
-    site.extra["device"] = val(attn.query).device
+    site.lk = val(attn.key).shape[0 if attn.seq_first else 1]
+    site.device = val(attn.query).device
     site.nodes = {node}
 
 
@@ -256,7 +256,7 @@ def _emit_mha(gm: fx.GraphModule, site: AttentionSite, c: MHACall, xq: Node, xk:
     q, k, v = (g.call_method("permute", (g.call_method(
         "unflatten", (t, -1, (c.num_heads, site.head_dim))), *split))
         for t in _in_projection(g, c, xq, xk, xv))
-    out = emit_attention(gm, site, q, k, v, index, config, params, site.extra["device"])
+    out = emit_attention(gm, site, q, k, v, index, config, params, site.device)
     out = g.call_method("flatten", (g.call_method("permute", (out, *merge)), -2))
     return _linear(g, out, c.out_weight, c.out_bias)
 

@@ -25,7 +25,7 @@ from torch import fx
 from torch.fx import Node
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.indexer import REGISTRY
+from dsa_compile.indexer import REGISTRY, site_anchors
 from dsa_compile.ops.spec import call_args
 from dsa_compile.passes.normalize import val
 from dsa_compile.passes.site import AttentionSite, Operand
@@ -61,18 +61,8 @@ def selected(name: str, config: DSAConfig) -> str:
     return ""
 
 
-def anchors_for(name: str, params: dict[str, torch.Tensor]):
-    """Parameters of the site's module subtree (walking up until one has any)."""
-    path = name
-    while True:
-        prefix = path + "." if path else ""
-        found = {f: t for f, t in params.items() if f.startswith(prefix)}
-        if found or not path:
-            return list(found), list(found.values())
-        path = path.rpartition(".")[0]
-
-
-def _operand(g: fx.Graph, o: Operand) -> Node:
+def operand(g: fx.Graph, o: Operand) -> Node:
+    """The operand in canonical [B, H, L, D] layout (its unsqueeze / permute emitted)."""
     n = o.node
     if o.unsqueeze0:
         n = g.call_method("unsqueeze", (n, 0))
@@ -138,7 +128,7 @@ def emit_attention(gm: fx.GraphModule, site: AttentionSite, q: Node, k: Node, v:
     """Indexer + ``dsa.attention`` on canonical q [B, Hq, Lq, D], k [B, Hkv, Lk, D],
     v [B, Hkv, Lk, Dv] nodes, at the graph's insertion point; returns [B, Hq, Lq, Dv]."""
     g = gm.graph
-    fqns, tensors = anchors_for(site.name, params)
+    fqns, tensors = site_anchors(params, site.name)
     indexer = REGISTRY.get_or_create(site.name, fqns, tensors, site.num_q_heads,
                                      site.num_kv_heads, site.head_dim, config, device)
     sub = f"dsa_indexer_{index}"
@@ -160,21 +150,27 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, index: int, config: DS
                  params: dict[str, torch.Tensor]) -> None:
     """Replace one accepted site in ``gm`` (see module doc)."""
     g = gm.graph
-    out_dtype = val(site.output).dtype
     with g.inserting_before(site.output):
-        q, k, v = (_operand(g, o) for o in (site.q, site.k, site.v))
+        q, k, v = (operand(g, o) for o in (site.q, site.k, site.v))
         out = emit_attention(gm, site, q, k, v, index, config, params, val(site.q.node).device)
-        if site.squeeze0:
-            out = g.call_method("squeeze", (out, 0))
-        if site.out_perm is not None:
-            out = g.call_method("permute", (out, *site.out_perm))
-        if val(site.q.node).dtype != out_dtype:
-            out = g.call_method("to", (out, out_dtype))
+        out = finish_output(g, site, out)
     site.output.replace_all_uses_with(out)
     for n in reversed(list(g.nodes)):
         if n in site.nodes and not n.users:
             g.erase_node(n)
     site.rewritten = True
+
+
+def finish_output(g: fx.Graph, site: AttentionSite, out: Node) -> Node:
+    """Canonical [B, Hq, Lq, Dv] output -> the replaced node's layout and dtype."""
+    out_dtype = val(site.output).dtype
+    if site.squeeze0:
+        out = g.call_method("squeeze", (out, 0))
+    if site.out_perm is not None:
+        out = g.call_method("permute", (out, *site.out_perm))
+    if val(site.q.node).dtype != out_dtype:
+        out = g.call_method("to", (out, out_dtype))
+    return out
 
 
 def record(site: AttentionSite) -> SiteRecord:

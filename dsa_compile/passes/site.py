@@ -39,6 +39,17 @@ class KeyFactor:
 
 
 @dataclasses.dataclass
+class ReferenceIndex:
+    """A model's own DSA index inputs (the reference form): q_idx [B, Lq, H_I, d_I],
+    k_idx [B, Lk, d_I], w [B, Lq, H_I] nodes and the top_k it keeps."""
+
+    q_idx: Node
+    k_idx: Node
+    w: Node
+    top_k: Any
+
+
+@dataclasses.dataclass
 class AttentionSite:
     """One dense attention, in canonical form.
 
@@ -68,4 +79,6 @@ class AttentionSite:
     nodes: set[Node] = dataclasses.field(default_factory=set)
     reason: str = ""
     rewritten: bool = False
-    extra: dict = dataclasses.field(default_factory=dict)
+    lk: Any = None        # key count (int or SymInt), for config.min_keys
+    device: Any = None    # where the indexer goes when q has no fake value (MHA)
+    reference: ReferenceIndex | None = None  # kind 'dsa_reference' only
