@@ -89,8 +89,10 @@ def test_old_function_bodies_are_unchanged():
             == digest, key
 
 
-@pytest.mark.parametrize("lq,lk,q_offset", [(1, 40, 39), (5, 40, 35), (7, 7, 0), (3, 30, 20)],
-                         ids=["decode", "chunk-at-end", "prefill", "chunk-mid"])
+@pytest.mark.parametrize("lq,lk,q_offset", [(1, 40, 39), (1, 40, 4), (1, 40, 20), (5, 40, 35),
+                                            (7, 7, 0), (3, 30, 20), (24, 50, 26)],
+                         ids=["decode", "decode-sees-few", "decode-mid", "chunk-at-end",
+                              "prefill", "chunk-mid", "tall-chunk"])
 @pytest.mark.parametrize("key_mask", [False, True], ids=["nomask", "keymask"])
 def test_runtime_q_offset_matches_the_attribute(lq, lk, q_offset, key_mask):
     g = torch.Generator().manual_seed(lq + lk)
@@ -103,8 +105,10 @@ def test_runtime_q_offset_matches_the_attribute(lq, lk, q_offset, key_mask):
     feed = {"q": q, "k": k, "v": v, "q_idx": q_idx, "k_idx": k_idx, "w": w}
     if key_mask:
         feed["key_mask"] = mask
+    # Chunks of >= MASKED_DENSE_MIN_ROWS rows score queries-first, shorter ones keys-first.
+    chunk = 32 if lq >= functions.MASKED_DENSE_MIN_ROWS else 4
     model = functions.op_model("Attention", key_mask=key_mask, q_offset_input=True, top_k=6,
-                               scale=0.25, query_chunk=4)
+                               scale=0.25, query_chunk=chunk)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {**{n: t.numpy() for n, t in feed.items()},
                                 "q_offset": np.array(q_offset, np.int64)})
@@ -122,6 +126,28 @@ def test_runtime_q_offset_matches_the_attribute(lq, lk, q_offset, key_mask):
     want_idx = torch.ops.dsa.indexer_topk(q_idx, k_idx, w, 6, q_offset, True,
                                           mask if key_mask else None)
     np.testing.assert_array_equal(idx, want_idx.numpy())
+
+
+@pytest.mark.parametrize("q_offset", [3, 24, 25, 39])
+@pytest.mark.parametrize("lq", [1, 3])
+def test_runtime_q_offset_keeps_the_dense_below_rule(lq, q_offset):
+    """Rows that see at most dense_below keys take exact dense attention (here 25 > top_k),
+    in the one-row decode body as in the chunked one."""
+    g = torch.Generator().manual_seed(q_offset)
+    lk = q_offset + lq
+    q, k, v = (torch.randn(1, 4, lq, 16, generator=g), torch.randn(1, 2, lk, 16, generator=g),
+               torch.randn(1, 2, lk, 16, generator=g))
+    q_idx, k_idx = torch.randn(1, lq, 2, 8, generator=g), torch.randn(1, lk, 8, generator=g)
+    w = torch.rand(1, lq, 2, generator=g) + 0.1
+    model = functions.op_model("Attention", q_offset_input=True, top_k=6, scale=0.25,
+                               query_chunk=4, dense_below=25)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(),
+                                "q_idx": q_idx.numpy(), "k_idx": k_idx.numpy(), "w": w.numpy(),
+                                "q_offset": np.array(q_offset, np.int64)})
+    want = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, 6, 0.25, True, q_offset, None,
+                                   0.0, 25)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
 def test_verify_refuses_q_offset_input_with_attribute(tmp_path):
@@ -262,6 +288,80 @@ def test_unsupported_family_names_the_reason(tmp_path):
         _export(tiny_lm("mistral"), tmp_path / "x.onnx")
 
 
+# ---------------------------------------------------------------------- shared buffer
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def buffer_files(request, tmp_path_factory):
+    """(model, {(dense, shared_buffer): path}) of one family."""
+    model = tiny_lm(request.param, seed=6)
+    folder = tmp_path_factory.mktemp(f"buffer_{request.param}")
+    return model, {(dense, shared): _export(model, folder / f"{dense}_{shared}.onnx",
+                                            dense=dense, shared_buffer=shared)
+                   for dense in (False, True) for shared in (False, True)}
+
+
+def test_shared_buffer_generates_what_concat_generates(buffer_files):
+    """Batch of two, left-padded: the in-place buffers give the concat decoder's tokens,
+    which are the PyTorch DSA model's (DSA) and Hugging Face generate's (dense)."""
+    model, files = buffer_files
+    prompts = [_prompt(21, 11), _prompt(13, 12)]
+    for dense in (False, True):
+        got = generate(files[dense, True], prompts, NEW)
+        assert np.array_equal(got, generate(files[dense, False], prompts, NEW))
+    dsa = generate(files[False, True], prompts, NEW)
+    for row, prompt in enumerate(prompts):
+        assert dsa[row, 21:].tolist() == _dsa_greedy(model, prompt, NEW, SPARSE)
+
+
+def test_shared_buffer_is_written_in_place_row_by_row(buffer_files):
+    """The bound buffers keep their storage; after a prefill and three steps they hold
+    the concat decoder's state in rows 0 .. L + 2 and zeros after."""
+    _, files = buffer_files
+    ids = np.array([_prompt(17, 13)])
+    shared, concat = Decoder(files[False, True]), Decoder(files[False, False])
+    shared.prefill(ids, np.ones_like(ids), capacity=32)
+    concat.prefill(ids, np.ones_like(ids))
+    pointers = {n: v.data_ptr() for n, v in shared.state.items()}
+    for token in (5, 9, 11):
+        a = shared.step(np.array([token]))
+        np.testing.assert_allclose(a, concat.step(np.array([token])), atol=1e-5)
+    assert {n: v.data_ptr() for n, v in shared.state.items()} == pointers
+    for name, buf in shared.state.items():
+        arr, want = buf.numpy(), concat.state[name]
+        rows = want.shape[-2]
+        assert rows == 20
+        got = arr[..., :rows, :]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert not np.any(arr[..., rows:, :])
+
+
+def test_shared_buffer_runs_without_iobinding_and_refuses_overflow(buffer_files):
+    """A plain session.run is the functional form (present = past with the rows written);
+    a step past the capacity is a clear error, not a silent wrap or a crash."""
+    _, files = buffer_files
+    session = ort.InferenceSession(files[False, True], providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["dsa_compile.decoder"])
+    assert meta["state_layout"] == "shared_buffer"
+    ids = np.array([_prompt(9, 14)])
+    dec = Decoder(files[False, False])
+    want = dec.prefill(ids, np.ones_like(ids))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "position_ids": np.arange(9)[None]}
+    for i in session.get_inputs()[3:]:
+        feed[i.name] = np.zeros([1] + [d if isinstance(d, int) else 12 for d in i.shape[1:]],
+                                np.float32)
+    out = session.run(None, feed)
+    np.testing.assert_allclose(out[0][:, -1], want, atol=1e-5)
+    np.testing.assert_allclose(out[1][..., :9, :], dec.state["past_key_values.0.key"],
+                               atol=1e-6)
+    small = Decoder(session)
+    small.prefill(ids, np.ones_like(ids), capacity=10)
+    small.step(np.array([3]))
+    with pytest.raises(ValueError, match="buffers hold 10 tokens"):
+        small.step(np.array([4]))
+
+
 # ---------------------------------------------------------------------------- deploy
 
 _BLOCKED_IMPORT = r"""
@@ -295,7 +395,8 @@ def test_generation_runs_with_numpy_and_onnxruntime_only(family_files):
     assert json.loads(tokens) == want.tolist()
 
 
-def test_cli_exports_a_decoder_and_generates(tmp_path, capsys):
+@pytest.mark.parametrize("layout", [[], ["--shared-buffer"]], ids=["concat", "shared-buffer"])
+def test_cli_exports_a_decoder_and_generates(tmp_path, capsys, layout):
     from dsa_compile.onnx.cli import main
 
     folder = tmp_path / "tiny"
@@ -305,7 +406,7 @@ def test_cli_exports_a_decoder_and_generates(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["export", str(folder), "--out", str(out), "--top-k", "8", "--past",
-                     "--seq-len", "21", "--query-chunk", "4"]) == 0
+                     "--seq-len", "21", "--query-chunk", "4", *layout]) == 0
     assert json.loads(capsys.readouterr().out)["dsa_nodes"] == {"Attention": 2}
     prompt = _prompt(21, 10)
     assert main(["generate", str(out), "--ids", " ".join(map(str, prompt)),

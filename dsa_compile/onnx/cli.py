@@ -3,6 +3,7 @@ generate with a decoder file on onnxruntime.
 
     dsa-onnx-export export MODEL_DIR --out model.onnx --top-k 512 [--gguf-file F.gguf]
     dsa-onnx-export export MODEL_DIR --out decoder.onnx --top-k 512 --past [--dense]
+        [--shared-buffer]
     dsa-onnx-export verify model.onnx
     dsa-onnx-export generate decoder.onnx --ids "1 2 3" --max-new-tokens 32
     dsa-onnx-export generate decoder.onnx --tokenizer MODEL_DIR --prompt "Hello"
@@ -11,7 +12,8 @@ generate with a decoder file on onnxruntime.
 rewrites it with ``dsa_compile.apply`` and writes one ONNX file whose input is
 ``input_ids`` int64 [B, L] and output ``logits`` [B, L, vocab], with L dynamic. With
 ``--past`` it writes the stateful decoder of :mod:`dsa_compile.onnx.decoder` (``--dense``:
-the dense opset-23 Attention baseline). ``generate`` runs
+the dense opset-23 Attention baseline; ``--shared-buffer``: KV and index-key state as
+buffers updated in place, the layout ``generate`` runs fastest). ``generate`` runs
 :func:`dsa_compile.onnx.generation.generate` and prints the token ids (and the text with
 ``--tokenizer``) as JSON.
 """
@@ -45,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="write a decoder with KV and index-key state (prefill + decode)")
     exp.add_argument("--dense", action="store_true",
                      help="with --past: dense opset-23 Attention instead of DSA (baseline)")
+    exp.add_argument("--shared-buffer", action="store_true",
+                     help="with --past: state as fixed-capacity buffers written in place "
+                          "(no copy of the cache per step)")
     exp.add_argument("--logits", choices=["all", "last"], default="all",
                      help="with --past: logits of every position or of the last one")
     ver = sub.add_parser("verify", help="check a file is a valid dsa_compile export")
@@ -112,12 +117,13 @@ def _export(args) -> dict:
     ids = _example_ids(args.model, kwargs, args.seq_len, model.config.vocab_size)
     if args.past:
         export(model, (ids,), args.out, config=config, query_chunk=args.query_chunk,
-               past=True, dense=args.dense, logits=args.logits)
+               past=True, dense=args.dense, logits=args.logits,
+               shared_buffer=args.shared_buffer)
         if args.dense:
             return {"path": args.out, "attention": "dense", "dsa_nodes": {}}
     else:
-        if args.dense:
-            raise ValueError("--dense needs --past")
+        if args.dense or args.shared_buffer:
+            raise ValueError("--dense and --shared-buffer need --past")
         export(CausalLMLogits(model), (ids,), args.out, config=config,
                dynamic=not args.static, query_chunk=args.query_chunk)
     from dsa_compile.onnx import verify

@@ -20,6 +20,14 @@ decoders use, plus the index-key state of DSA:
 The file's metadata ``dsa_compile.decoder`` (JSON) lists the state tensors, their
 shapes and what generation needs (:mod:`dsa_compile.onnx.generate` reads it).
 
+With ``shared_buffer=True`` the state tensors are buffers of a fixed capacity C instead
+(past_key_values.{i}.key [B, Hkv, C, D], .index_key [B, C, d_I]; P = attention_mask's
+length - L): the graph writes rows P .. P + L - 1 with ScatterND and present.* is the
+written buffer, so a runtime that binds present.* to the past buffer (onnxruntime
+IOBinding) updates it in place, and attention reads the buffer with the padded mask
+(rows past P + L are empty and, being after every query, causally hidden too). The
+concat layout copies the whole cache every step; this one writes one row per layer.
+
 Why the graph is written here rather than traced. The issue asks for a decoder whose
 non-attention part is as lean as onnxruntime-genai's. Tracing a Hugging Face model with
 its cache through ``torch.onnx.export`` gives per-layer repeat_kv expands, mask
@@ -98,7 +106,9 @@ class _Graph:
 
     def weight(self, name: str, value) -> str:
         arr = value.detach().float().cpu().numpy() if hasattr(value, "detach") else value
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        arr = np.asarray(arr)  # (ascontiguousarray would make a 0-d scalar [1])
+        self.initializers.append(numpy_helper.from_array(
+            np.ascontiguousarray(arr) if arr.ndim else arr, name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -176,12 +186,14 @@ def site_indexers(model: torch.nn.Module, example_ids: torch.Tensor,
     return indexers
 
 
-def state_names(spec: DecoderSpec, dense: bool) -> list[tuple[str, str, str]]:
+def state_names(spec: DecoderSpec, dense: bool,
+                shared_buffer: bool = False) -> list[tuple[str, str, str]]:
     """(past input, present output, shape) of every state tensor, layer by layer."""
-    kinds = [("key", "[batch, kv_heads, past, head_dim]"),
-             ("value", "[batch, kv_heads, past, head_dim]")]
+    rows = "capacity" if shared_buffer else "past"
+    kinds = [("key", f"[batch, kv_heads, {rows}, head_dim]"),
+             ("value", f"[batch, kv_heads, {rows}, head_dim]")]
     if not dense:
-        kinds.append(("index_key", "[batch, past, index_dim]"))
+        kinds.append(("index_key", f"[batch, {rows}, index_dim]"))
     return [(f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", shape)
             for i in range(spec.layers) for kind, shape in kinds]
 
@@ -189,7 +201,7 @@ def state_names(spec: DecoderSpec, dense: bool) -> list[tuple[str, str, str]]:
 def build_decoder(model: torch.nn.Module, config: DSAConfig | None, dense: bool,
                   example_ids: torch.Tensor | None = None,
                   query_chunk: int = functions.DEFAULT_QUERY_CHUNK,
-                  logits: str = "all") -> onnx.ModelProto:
+                  logits: str = "all", shared_buffer: bool = False) -> onnx.ModelProto:
     """The decoder ModelProto (no dsa functions attached yet: export.finish_model does).
 
     Args:
@@ -200,6 +212,8 @@ def build_decoder(model: torch.nn.Module, config: DSAConfig | None, dense: bool,
         query_chunk: query rows per Loop iteration of the dsa bodies.
         logits: "all" ([B, L, V], as Hugging Face) or "last" ([B, 1, V]: what generation
             reads; prefill skips L - 1 rows of the vocabulary projection).
+        shared_buffer: state tensors are buffers of a fixed capacity (rows P .. P + L - 1
+            written by ScatterND; P = attention_mask's length - L), not a past to Concat.
     """
     if logits not in ("all", "last"):
         raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
@@ -219,13 +233,14 @@ def build_decoder(model: torch.nn.Module, config: DSAConfig | None, dense: bool,
               helper.make_tensor_value_info("position_ids", i64, ["batch", "sequence"])]
     outputs = [helper.make_tensor_value_info(
         "logits", f32, ["batch", "sequence" if logits == "all" else 1, spec.vocab])]
-    for past, present, _ in state_names(spec, dense):
+    rows_in, rows_out = ("capacity", "capacity") if shared_buffer else \
+        ("past_sequence", "total_sequence")
+    for past, present, _ in state_names(spec, dense, shared_buffer):
         if past.endswith("index_key"):
-            dims_in, dims_out = ["batch", "past_sequence", indexers[0].index_dim], \
-                ["batch", "total_sequence", indexers[0].index_dim]
+            dims_in, dims_out = ["batch", rows_in, indexers[0].index_dim], \
+                ["batch", rows_out, indexers[0].index_dim]
         else:
-            dims_in, dims_out = ["batch", hkv, "past_sequence", d], \
-                ["batch", hkv, "total_sequence", d]
+            dims_in, dims_out = ["batch", hkv, rows_in, d], ["batch", hkv, rows_out, d]
         inputs.append(helper.make_tensor_value_info(past, f32, dims_in))
         outputs.append(helper.make_tensor_value_info(present, f32, dims_out))
 
@@ -240,10 +255,22 @@ def build_decoder(model: torch.nn.Module, config: DSAConfig | None, dense: bool,
     scaling = g.const(float(getattr(rotary, "attention_scaling", 1.0)), np.float32)
     cos = g.op("Mul", g.op("Cos", emb), scaling, hint="cos")           # [B, L, 1, D]
     sin = g.op("Mul", g.op("Sin", emb), scaling, hint="sin")
-    past_len = g.op("Shape", "past_key_values.0.key", start=2, end=3, hint="past_len")
-    key_mask = g.op("Cast", "attention_mask", to=TensorProto.BOOL, hint="key_mask")
+    new_len = g.op("Shape", "input_ids", start=1, end=2, hint="new_len")
+    if shared_buffer:
+        total = g.op("Shape", "attention_mask", start=1, end=2)
+        past_len = g.op("Sub", total, new_len, hint="past_len")
+        capacity = g.op("Shape", "past_key_values.0.key", start=2, end=3, hint="capacity")
+        # The mask padded to the capacity: rows past P + L are empty (and after every
+        # query, so causality hides them too).
+        pads = g.op("Concat", g.const([0, 0, 0]), g.op("Sub", capacity, total), axis=0)
+        full_mask = g.op("Pad", "attention_mask", pads)
+        kv_at, idx_at = _buffer_rows(g, "input_ids", past_len, new_len, hkv)
+    else:
+        past_len = g.op("Shape", "past_key_values.0.key", start=2, end=3, hint="past_len")
+        full_mask = "attention_mask"
+    key_mask = g.op("Cast", full_mask, to=TensorProto.BOOL, hint="key_mask")
     if dense:
-        mask = _dense_mask(g, key_mask, past_len)
+        mask = _dense_mask(g, key_mask, past_len, new_len)
     else:
         q_offset = g.op("Squeeze", past_len, g.const([0]), hint="q_offset")
     scale = float(getattr(hf.layers[0].self_attn, "scaling", d ** -0.5))
@@ -267,15 +294,25 @@ def build_decoder(model: torch.nn.Module, config: DSAConfig | None, dense: bool,
         k_t = g.op("Transpose", k, perm=[0, 2, 1, 3])
         v_t = g.op("Transpose", v, perm=[0, 2, 1, 3])
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        if dense:
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        if shared_buffer:
+            g.op("ScatterND", past_k, kv_at, k_t, outputs=[present_k])
+            g.op("ScatterND", past_v, kv_at, v_t, outputs=[present_v])
+        if dense and shared_buffer:
+            out = g.op("Attention", q_t, present_k, present_v, mask, scale=scale)
+        elif dense:
             out = g.op("Attention", q_t, k_t, v_t, mask, past_k, past_v, scale=scale,
-                       outputs=[g.name("attn"), f"present.{i}.key", f"present.{i}.value"])[0]
+                       outputs=[g.name("attn"), present_k, present_v])[0]
         else:
-            present_k = g.op("Concat", past_k, k_t, axis=2, outputs=[f"present.{i}.key"])
-            present_v = g.op("Concat", past_v, v_t, axis=2, outputs=[f"present.{i}.value"])
+            if not shared_buffer:
+                g.op("Concat", past_k, k_t, axis=2, outputs=[present_k])
+                g.op("Concat", past_v, v_t, axis=2, outputs=[present_v])
             q_idx, k_idx, w = _indexer(g, indexers[i], q, k, p)
-            present_idx = g.op("Concat", f"past_key_values.{i}.index_key", k_idx, axis=1,
-                               outputs=[f"present.{i}.index_key"])
+            past_idx, present_idx = f"past_key_values.{i}.index_key", f"present.{i}.index_key"
+            if shared_buffer:
+                g.op("ScatterND", past_idx, idx_at, k_idx, outputs=[present_idx])
+            else:
+                g.op("Concat", past_idx, k_idx, axis=1, outputs=[present_idx])
             out = g.op("Attention", q_t, present_k, present_v, q_idx, present_idx, w,
                        key_mask, q_offset, domain=functions.DOMAIN, top_k=config.top_k,
                        scale=scale, causal=1, softcap=float(config.softcap or 0.0),
@@ -311,25 +348,46 @@ def build_decoder(model: torch.nn.Module, config: DSAConfig | None, dense: bool,
     if not dense:
         opsets.append(helper.make_opsetid(functions.DOMAIN, functions.VERSION))
     proto = helper.make_model(graph, opset_imports=opsets, ir_version=10)
-    meta = decoder_metadata(model, spec, dense, indexers, logits)
+    meta = decoder_metadata(model, spec, dense, indexers, logits, shared_buffer)
     helper.set_model_props(proto, {META_DECODER: json.dumps(meta)})
     return proto
 
 
-def _dense_mask(g: _Graph, key_mask: str, past_len: str) -> str:
-    """bool [B, 1, L, P + L]: query t (position P + t) sees key s <= P + t that is not
+def _dense_mask(g: _Graph, key_mask: str, past_len: str, new_len: str) -> str:
+    """bool [B, 1, L, Lk]: query t (position P + t) sees key s <= P + t that is not
     padding, and always itself (a padding query then attends to itself alone, so no row
-    is empty and no NaN reaches the real tokens through V)."""
-    total = g.op("Shape", key_mask, start=1, end=2)
+    is empty and no NaN reaches the real tokens through V). key_mask: bool [B, Lk] (Lk =
+    P + L, or the buffer capacity)."""
+    lk = g.op("Shape", key_mask, start=1, end=2)
     zero, one = g.const(0), g.const(1)
-    key_pos = g.op("Range", zero, g.op("Squeeze", total, g.const([0])), one)   # [Lk]
+    key_pos = g.op("Range", zero, g.op("Squeeze", lk, g.const([0])), one)      # [Lk]
     q_pos = g.op("Range", g.op("Squeeze", past_len, g.const([0])),
-                 g.op("Squeeze", total, g.const([0])), one)
+                 g.op("Squeeze", g.op("Add", past_len, new_len), g.const([0])), one)
     q_pos = g.op("Unsqueeze", q_pos, g.const([1]))                             # [L, 1]
     causal = g.op("LessOrEqual", key_pos, q_pos)                               # [L, Lk]
     itself = g.op("Equal", key_pos, q_pos)
     keep = g.op("Unsqueeze", key_mask, g.const([1, 2]))                        # [B, 1, 1, Lk]
     return g.op("Or", g.op("And", causal, keep), itself, hint="attn_mask")
+
+
+def _buffer_rows(g: _Graph, ids: str, past_len: str, new_len: str,
+                 kv_heads: int) -> tuple[str, str]:
+    """ScatterND indices of the new rows P .. P + L - 1: int64 [B, Hkv, L, 3] into a K/V
+    buffer [B, Hkv, C, D] and [B, L, 2] into an index-key buffer [B, C, d_I]."""
+    zero, one = g.const(0), g.const(1)
+    batch = g.op("Shape", ids, start=0, end=1)
+    sq = lambda x: g.op("Squeeze", x, g.const([0]))
+    b = g.op("Range", zero, sq(batch), one)
+    h = g.op("Range", zero, g.const(kv_heads), one)
+    pos = g.op("Range", sq(past_len), sq(g.op("Add", past_len, new_len)), one)
+    kv_shape = g.op("Concat", batch, g.const([kv_heads]), new_len, g.const([1]), axis=0)
+    parts = [g.op("Expand", g.op("Reshape", x, g.const(shape)), kv_shape)
+             for x, shape in ((b, [-1, 1, 1, 1]), (h, [1, -1, 1, 1]), (pos, [1, 1, -1, 1]))]
+    kv_at = g.op("Concat", *parts, axis=-1, hint="kv_rows")
+    idx_shape = g.op("Concat", batch, new_len, g.const([1]), axis=0)
+    parts = [g.op("Expand", g.op("Reshape", x, g.const(shape)), idx_shape)
+             for x, shape in ((b, [-1, 1, 1]), (pos, [1, -1, 1]))]
+    return kv_at, g.op("Concat", *parts, axis=-1, hint="index_rows")
 
 
 def _indexer(g: _Graph, indexer, q: str, k: str, prefix: str) -> tuple[str, str, str]:
@@ -349,7 +407,8 @@ def _indexer(g: _Graph, indexer, q: str, k: str, prefix: str) -> tuple[str, str,
     return q_idx, k_idx, w
 
 
-def decoder_metadata(model, spec: DecoderSpec, dense: bool, indexers, logits: str) -> dict:
+def decoder_metadata(model, spec: DecoderSpec, dense: bool, indexers, logits: str,
+                     shared_buffer: bool = False) -> dict:
     """The JSON recorded as META_DECODER: state tensors and what generation needs."""
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) or getattr(model.config, "eos_token_id", None)
@@ -359,12 +418,18 @@ def decoder_metadata(model, spec: DecoderSpec, dense: bool, indexers, logits: st
         "layers": spec.layers, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
         "index_dim": None if dense else indexers[0].index_dim, "vocab": spec.vocab,
         "logits": logits,
+        "state_layout": "shared_buffer" if shared_buffer else "concat",
         "inputs": ["input_ids", "attention_mask", "position_ids"],
         "state": [{"past": past, "present": present, "shape": shape}
-                  for past, present, shape in state_names(spec, dense)],
+                  for past, present, shape in state_names(spec, dense, shared_buffer)],
         "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
         "pad_token_id": pad,
         "notes": "attention_mask covers past + new tokens (left padding); position_ids = "
-                 "cumsum(attention_mask) - 1 at the new tokens; feed present.* back as "
-                 "past_key_values.* (empty [B, ., 0, .] tensors for prefill).",
+                 "cumsum(attention_mask) - 1 at the new tokens; " + (
+                     "past_key_values.* are zero-initialised buffers of a capacity >= the "
+                     "longest total length; present.* are the same buffers with the new rows "
+                     "written: bind each present.* to its past_key_values.* OrtValue "
+                     "(IOBinding) and the update is in place." if shared_buffer else
+                     "feed present.* back as past_key_values.* (empty [B, ., 0, .] tensors "
+                     "for prefill)."),
     }

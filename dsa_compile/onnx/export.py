@@ -374,7 +374,7 @@ def save_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.PathLike,
            config: DSAConfig | dict | None = None, dynamic: bool = True,
            query_chunk: int | None = None, past: bool = False, dense: bool = False,
-           logits: str = "all") -> onnx.ModelProto:
+           logits: str = "all", shared_buffer: bool = False) -> onnx.ModelProto:
     """Export a DSA model to ``path`` as one ONNX file that stock onnxruntime runs.
 
     Args:
@@ -399,6 +399,12 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
         dense: with past=True, opset-23 ``Attention`` with past state instead of DSA (the
             dense baseline; no dsa node, so :func:`verify` refuses it).
         logits: with past=True, "all" ([B, L, V]) or "last" ([B, 1, V]).
+        shared_buffer: with past=True, the state tensors are fixed-capacity buffers whose
+            new rows the graph writes with ScatterND (present.* = past_key_values.* with
+            P .. P + L - 1 written), so a runtime that binds each present.* to its past
+            buffer (onnxruntime IOBinding, as :func:`dsa_compile.onnx.generate` does)
+            updates the cache in place instead of copying it every step. What
+            onnxruntime-genai calls past_present_share_buffer.
 
     Returns:
         The saved ModelProto.
@@ -421,9 +427,9 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
         example_args = (example_args,)
     if past:
         return _export_decoder(model, example_args, target, config, dense, logits,
-                               query_chunk or functions.DEFAULT_QUERY_CHUNK)
-    if dense:
-        raise ValueError("dense=True needs past=True (the dense decoder baseline)")
+                               query_chunk or functions.DEFAULT_QUERY_CHUNK, shared_buffer)
+    if dense or shared_buffer:
+        raise ValueError("dense=True and shared_buffer=True need past=True (a decoder)")
     was_training = model.training
     model.eval()
     try:
@@ -449,7 +455,8 @@ def export(model: torch.nn.Module, example_args: Sequence[Any], path: str | os.P
     return model_proto
 
 
-def _export_decoder(model, example_args, target, config, dense, logits, query_chunk):
+def _export_decoder(model, example_args, target, config, dense, logits, query_chunk,
+                    shared_buffer):
     from dsa_compile.onnx.decoder import DecoderExportError, build_decoder
 
     if isinstance(example_args, dict):
@@ -460,7 +467,8 @@ def _export_decoder(model, example_args, target, config, dense, logits, query_ch
     model.eval()
     try:
         with torch.no_grad():
-            proto = build_decoder(model, config, dense, ids, query_chunk, logits)
+            proto = build_decoder(model, config, dense, ids, query_chunk, logits,
+                                  shared_buffer)
         proto = finish_model(proto, None if dense else (config or DSAConfig()),
                              "decoder_dense" if dense else "decoder")
     except DecoderExportError as err:

@@ -197,6 +197,29 @@ def _index_scores(b: _Body, qi: str, k_idx_t: str, wc: str, lk_vis: str, hidden:
     return b.op("Where", hidden, b.const(_NEG_INF, np.float32), sc)
 
 
+def _index_scores_keys_first(b: _Body, qi: str, k_idx: str, wc: str, lk_vis: str,
+                             hidden: str) -> str:
+    """The same scores as :func:`_index_scores` from k_idx [B, Lk, d_I] as it is stored:
+    k_idx @ q^T is [B, Lk, C*H_I], narrow for a few rows, so neither the index-key cache
+    nor its transpose is copied (for a decode step they were most of the indexer's bytes).
+    """
+    zero = b.const([0])
+    shp = b.op("Shape", qi)
+    bc = b.op("Slice", shp, zero, b.const([2]), zero)                # [B, C]
+    batch = b.op("Slice", shp, zero, b.const([1]), zero)
+    di = b.op("Slice", shp, b.const([3]), b.const([4]), zero)
+    qt = b.op("Transpose", b.op("Reshape", qi, b.cat(batch, b.const([-1]), di)),
+              perm=[0, 2, 1])                                         # [B, d_I, C*H_I]
+    dots = b.slice(b.op("MatMul", k_idx, qt), zero, lk_vis, 1)       # [B, Lk_vis, C*H_I]
+    dots = b.op("Relu", b.op("Reshape", dots, b.cat(batch, lk_vis, b.op(
+        "Slice", shp, b.const([1]), b.const([2]), zero), b.const([-1]))))  # [B, Lk_vis, C, H_I]
+    w = b.op("Reshape", wc, b.cat(batch, b.const([1]), b.op(
+        "Slice", bc, b.const([1]), b.const([2]), zero), b.const([-1])))   # [B, 1, C, H_I]
+    sc = b.op("ReduceSum", b.op("Mul", dots, w), b.const([-1]), keepdims=0)  # [B, Lk_vis, C]
+    sc = b.op("Transpose", sc, perm=[0, 2, 1])
+    return b.op("Where", hidden, b.const(_NEG_INF, np.float32), sc)
+
+
 def _gather_rows(b: _Body, rows: str, row_base: str, idx: str) -> str:
     """rows: [B*Hkv*Lk, D]; row_base: [B, Hkv, 1, 1]; idx: [B, G, C, K] -> [B, Hkv, C, K, D]."""
     return b.op("Gather", rows, b.op("Add", row_base, idx), axis=0)
@@ -419,11 +442,14 @@ def _chunk_positions(b: _Body, lk: str, first_pos: str, start: str, end: str,
 
 
 def _indexer_inputs(b: _Body, q_idx: str, k_idx: str, w: str, first: str, rows_end: str,
-                    extra: str) -> tuple[str, str, str]:
-    """Rows first..rows_end of q_idx / w zero-padded by ``extra``, and k_idx^T."""
+                    extra: str, transpose: bool = True) -> tuple[str, str, str | None]:
+    """Rows first..rows_end of q_idx / w zero-padded by ``extra``, and k_idx^T (None
+    without ``transpose``)."""
     qi = _pad_rows(b, b.slice(q_idx, first, rows_end, 1), 1, 4, extra)
     wi = _pad_rows(b, b.slice(w, first, rows_end, 1), 1, 3, extra)
     wi = b.op("Unsqueeze", wi, b.const([2]))                                 # [B, P, 1, H_I]
+    if not transpose:
+        return qi, wi, None
     k_idx_t = b.op("Transpose", k_idx, perm=[0, 2, 1])                       # [B, d_I, Lk]
     return qi, wi, k_idx_t
 
@@ -475,12 +501,23 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
 
     if sparse:
         qi, wi, k_idx_t = _indexer_inputs(b, ins["q_idx"], ins["k_idx"], ins["w"], first, end,
-                                          extra)
+                                          extra, transpose=not decode)
+        if decode:  # transposed per chunk, and only where the chunk has many rows
+            k_idx_t = lambda s: s.op("Transpose", s.slice(ins["k_idx"], s.const([0]), lk_vis, 1),
+                                     perm=[0, 2, 1])
         k_rows, v_rows, row_base = _kv_rows(b, dims, k, v)
 
         def selected_keys(sub: _Body) -> str:
-            scores = _index_scores(sub, sub.slice(qi, start, stop, 1), k_idx_t,
-                                   sub.slice(wi, start, stop, 1), lk_vis, hidden)
+            qi_c, wi_c = sub.slice(qi, start, stop, 1), sub.slice(wi, start, stop, 1)
+            if decode:
+                scores = _if(sub, sub.op("Less", a["query_chunk"],
+                                         sub.const([MASKED_DENSE_MIN_ROWS])),
+                             lambda s: _index_scores_keys_first(s, qi_c, ins["k_idx"], wi_c,
+                                                                lk_vis, hidden),
+                             lambda s: _index_scores(s, qi_c, k_idx_t(s), wi_c, lk_vis,
+                                                     hidden))
+            else:
+                scores = _index_scores(sub, qi_c, k_idx_t, wi_c, lk_vis, hidden)
             vals, idx, valid, _ = _select(sub, scores, a["top_k"], lk_vis)
             one = sub.const([1])
 
@@ -510,6 +547,59 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
         out = every_visible_key(body)
     (scanned,) = _loop(b, trips, body, [out])
     return _ungroup(b, dims, scanned, padded, rows, dims.dv)
+
+
+def _decode_row(b: _Body, ins: dict, a: dict) -> str:
+    """Attention of a single query row (Lq = 1, a decode step) in straight-line ops: no
+    Loop, no chunk padding, no branch on how many keys it sees, shapes from constant
+    reshapes where onnxruntime allows (its per-node cost is most of a short step).
+
+    Index scores keys-first (k_idx @ q_idx^T: the index-key cache is read as stored),
+    then TopK of min(top_k, Lk): where the row sees at most top_k keys that picks every
+    visible one (hidden keys score -inf and are masked), which is what the chunked body's
+    "every visible key" path computes. A dense row (DSA's dense_below rule) picks all Lk
+    keys the same way. Returns [B, Hq, 1, Dv].
+    """
+    zero, one = b.const([0]), b.const([1])
+    k, v, q_offset = ins["k"], ins["v"], a["q_offset"]
+    lk, hkv = b.dim(k, 2), b.dim(k, 1)
+    causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
+    key_pos = b.op("Range", b.const(0), b.scalar(lk), b.const(1))                # [Lk]
+    hidden = b.op("And", b.op("Greater", key_pos, q_offset), causal)
+    hidden = (b.op("Or", hidden, b.op("Not", ins["key_mask"])) if "key_mask" in ins
+              else b.op("Unsqueeze", hidden, zero))                              # [B or 1, Lk]
+    qt = b.op("Transpose", b.op("Squeeze", ins["q_idx"], one), perm=[0, 2, 1])  # [B, d_I, H_I]
+    dots = b.op("Relu", b.op("MatMul", ins["k_idx"], qt))                        # [B, Lk, H_I]
+    wt = b.op("Transpose", ins["w"], perm=[0, 2, 1])                             # [B, H_I, 1]
+    scores = b.op("Squeeze", b.op("MatMul", dots, wt), b.const([2]))             # [B, Lk]
+    lowest = b.const(np.finfo(np.float32).min, dtype=np.float32, hint="lowest")
+    scores = b.op("Where", b.op("IsNaN", scores), lowest, scores)  # NaN ranks lowest
+    scores = b.op("Where", hidden, b.const(_NEG_INF, np.float32), scores)
+    threshold = b.op("Where", b.op("Greater", a["dense_below"], zero),
+                     b.op("Max", a["top_k"], a["dense_below"]), zero)
+    seen_keys = b.op("Where", causal, b.op("Min", lk, b.op("Add", q_offset, one)), lk)
+    dense_row = b.op("And", b.op("Greater", threshold, zero),
+                     b.op("LessOrEqual", seen_keys, threshold))
+    kk = b.op("Where", dense_row, lk, b.op("Min", a["top_k"], lk))
+    vals, idx = b.op("TopK", scores, kk, outputs=2, axis=-1, largest=1, sorted=0)
+    valid = b.op("Not", b.op("IsInf", vals, detect_positive=0))                  # [B, K]
+    k_rows, v_rows = b.op("Flatten", k, axis=3), b.op("Flatten", v, axis=3)     # [B*Hkv*Lk, D]
+    base = b.op("Range", b.const(0), b.scalar(b.dim(k_rows, 0)), b.scalar(lk))   # [B*Hkv]
+    base = b.op("Reshape", base, b.cat(b.const([-1]), hkv, one))                 # [B, Hkv, 1]
+    rows = b.op("Add", base, b.op("Unsqueeze", idx, one))                        # [B, Hkv, K]
+    kg, vg = b.op("Gather", k_rows, rows, axis=0), b.op("Gather", v_rows, rows, axis=0)
+    qg = b.op("Reshape", b.op("Mul", ins["q"], a["scale"]),
+              b.cat(zero, hkv, b.const([-1]), zero))                              # [B, Hkv, R, D]
+    logits = _softcap(b, b.op("MatMul", qg, b.op("Transpose", kg, perm=[0, 1, 3, 2])),
+                      a["softcap"])                                              # [B, Hkv, R, K]
+    logits = b.op("Where", b.op("Unsqueeze", valid, b.const([1, 2])), logits,
+                  b.const(_NEG_INF, np.float32))
+    out = b.op("MatMul", b.op("Softmax", logits, axis=-1), vg)                   # [B, Hkv, R, Dv]
+    seen = b.op("Not", b.op("IsInf", b.op("ReduceMax", vals, b.const([-1]), keepdims=1),
+                            detect_positive=0))                                  # [B, 1]
+    out = b.op("Where", b.op("Unsqueeze", seen, b.const([2, 3])), out,
+               b.const(0.0, np.float32))  # a row that sees no key: 0, as the reference
+    return b.op("Reshape", out, b.const([0, -1, 1, 0]))                          # [B, Hq, 1, Dv]
 
 
 def _inputs(names: list[str], key_mask: bool, q_offset: bool = False) -> list[str]:
@@ -543,6 +633,19 @@ def attention_function(key_mask: bool = False, q_offset: bool = False) -> onnx.F
     names = _inputs(["q", "k", "v", "q_idx", "k_idx", "w"], key_mask, q_offset)
     ins = {n: n for n in names}
     a = _runtime_offset(b, _attributes(b, _ATTENTION_ATTRS), q_offset)
+    if q_offset:  # a decoder's node: its decode steps take the one-row body
+        out = _if(b, b.op("Equal", b.dim("q", 2), b.const([1])),
+                  lambda s: _decode_row(s, ins, a),
+                  lambda s: _chunked_attention(s, ins, a, q_offset))
+    else:
+        out = _chunked_attention(b, ins, a, q_offset)
+    b.nodes.append(helper.make_node("Identity", [out], ["out"]))
+    return _function("Attention", names, ["out"], b, _ATTENTION_ATTRS, key_mask, q_offset)
+
+
+def _chunked_attention(b: _Body, ins: dict, a: dict, q_offset: bool) -> str:
+    """Any number of query rows: the dense_below rows, then the sparse ones, chunk by
+    chunk (:func:`_chunked_rows`). Returns [B, Hq, Lq, Dv]."""
     dims = _Dims(b, "q", "k", "v")
     zero = b.const([0])
     threshold = b.op("Where", b.op("Greater", a["dense_below"], zero),
@@ -564,9 +667,7 @@ def attention_function(key_mask: bool = False, q_offset: bool = False) -> onnx.F
     def sparse_or_mixed(sub: _Body) -> str:
         return _if(sub, sub.op("Equal", n_dense, zero), lambda s: sparse(s, zero), mixed)
 
-    out = _if(b, b.op("Equal", n_dense, dims.lq), lambda s: dense(s, dims.lq), sparse_or_mixed)
-    b.nodes.append(helper.make_node("Identity", [out], ["out"]))
-    return _function("Attention", names, ["out"], b, _ATTENTION_ATTRS, key_mask, q_offset)
+    return _if(b, b.op("Equal", n_dense, dims.lq), lambda s: dense(s, dims.lq), sparse_or_mixed)
 
 
 _INDEXER_ATTRS = {"top_k": "int", "q_offset": "int", "causal": "int", "query_chunk": "int"}

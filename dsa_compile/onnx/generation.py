@@ -4,8 +4,10 @@
     out = generate("decoder.onnx", [[1, 2, 3], [4, 5]], max_new_tokens=32)   # greedy
     out = generate(session, ids, 32, do_sample=True, temperature=0.8, top_k=50, seed=0)
 
-Works with the files of ``dsa_compile.onnx.export(..., past=True)`` (DSA or dense) and
-any decoder with the same interface (inputs input_ids, attention_mask, position_ids,
+Works with the files of ``dsa_compile.onnx.export(..., past=True)`` (DSA or dense; with
+``shared_buffer=True`` the KV and index-key buffers are allocated once, at prompt +
+max_new_tokens rows, and updated in place through IOBinding) and any decoder with the
+same interface (inputs input_ids, attention_mask, position_ids,
 past_key_values.*; outputs logits, present.*). Prompts of unequal length are left-padded;
 positions follow Hugging Face (cumsum of the mask - 1). Rows that produced an EOS token
 continue with pad tokens until every row has finished or max_new_tokens are made, as
@@ -66,7 +68,10 @@ def left_pad(prompts, pad_token_id: int = 0,
 class Decoder:
     """A decoder session and its state: :meth:`prefill` a batch, then :meth:`step`.
 
-    ``state`` maps each past_key_values.* input to the present.* array of the last run.
+    ``state`` maps each past_key_values.* input to the present.* array of the last run
+    (a concat-layout file), or to its buffer (an ``onnxruntime.OrtValue`` of a
+    shared-buffer file, ``export(..., shared_buffer=True)``: every run binds present.* to
+    the same OrtValue, so the graph's ScatterND writes the new rows in place).
     """
 
     def __init__(self, model_or_session, threads: int | None = None) -> None:
@@ -80,21 +85,56 @@ class Decoder:
             raise ValueError(f"not a decoder file: it lacks inputs {sorted(missing)} or the "
                              f"logits output (inputs {sorted(self.inputs)})")
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.state: dict[str, np.ndarray] = {}
-        self.mask = self.positions = None
+        self.shared_buffer = self.meta.get("state_layout") == "shared_buffer"
+        self.state: dict = {}
+        self.mask = self.positions = self.binding = None
+        self.capacity = 0
 
     def _present_of(self, past: str) -> str:
         return "present." + past[len("past_key_values."):]
 
-    def _empty_state(self, batch: int) -> dict[str, np.ndarray]:
+    def _empty_state(self, batch: int, rows: int) -> dict[str, np.ndarray]:
+        """Zero state: its dynamic row axis (the past, or a buffer's capacity) ``rows``."""
         state = {}
         for name in self.past_names:
             dims = self.inputs[name].shape
-            shape = [batch] + [d if isinstance(d, int) else 0 for d in dims[1:]]
+            shape = [batch] + [d if isinstance(d, int) else rows for d in dims[1:]]
             state[name] = np.zeros(shape, dtype=np.float32)
         return state
 
+    def _bind_buffers(self, batch: int) -> None:
+        import onnxruntime as ort
+
+        self.binding = self.session.io_binding()
+        self.state = {}
+        for name, zeros in self._empty_state(batch, self.capacity).items():
+            buf = ort.OrtValue.ortvalue_from_numpy(zeros)
+            self.binding.bind_ortvalue_input(name, buf)
+            self.state[name] = buf
+
+    def _bind_outputs(self) -> None:
+        """logits first (get_outputs()[0]; a fresh array each run, its length L changes),
+        then every present.* onto its past buffer."""
+        b = self.binding
+        b.clear_binding_outputs()
+        b.bind_output("logits")
+        for name, buf in self.state.items():
+            b.bind_ortvalue_output(self._present_of(name), buf)
+
     def _run(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.shared_buffer:
+            if self.mask.shape[1] > self.capacity:
+                raise ValueError(f"the decoder's buffers hold {self.capacity} tokens and this "
+                                 f"step needs {self.mask.shape[1]}: prefill with a larger "
+                                 "capacity")
+            b = self.binding
+            self._bind_outputs()
+            b.bind_cpu_input("input_ids", ids)
+            b.bind_cpu_input("attention_mask", self.mask)
+            if "position_ids" in self.inputs:
+                b.bind_cpu_input("position_ids", positions)
+            self.session.run_with_iobinding(b)
+            return b.get_outputs()[0].numpy()[:, -1]
         feed = {"input_ids": ids, "attention_mask": self.mask, **self.state}
         if "position_ids" in self.inputs:
             feed["position_ids"] = positions
@@ -102,9 +142,18 @@ class Decoder:
         self.state = {n: out[self._present_of(n)] for n in self.past_names}
         return out["logits"][:, -1]
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run the prompt (int64 [B, L], mask [B, L]); returns next-token logits [B, V]."""
-        self.state = self._empty_state(ids.shape[0])
+    def prefill(self, ids: np.ndarray, mask: np.ndarray,
+                capacity: int | None = None) -> np.ndarray:
+        """Run the prompt (int64 [B, L], mask [B, L]); returns next-token logits [B, V].
+
+        capacity: tokens (prompt + new) the buffers of a shared-buffer file hold (default
+        L + 256); a concat-layout file grows its state instead and ignores it.
+        """
+        if self.shared_buffer:
+            self.capacity = int(capacity) if capacity is not None else ids.shape[1] + 256
+            self._bind_buffers(ids.shape[0])
+        else:
+            self.state = self._empty_state(ids.shape[0], 0)
         self.mask = mask.astype(np.int64)
         positions = np.cumsum(self.mask, axis=1) - 1
         positions[self.mask == 0] = 1  # as transformers: pads get position 1
@@ -185,7 +234,7 @@ def generate(model_path_or_session, input_ids, max_new_tokens: int,
     if max_new_tokens == 0:
         return ids
     start = time.perf_counter()
-    logits = decoder.prefill(ids, mask)
+    logits = decoder.prefill(ids, mask, capacity=ids.shape[1] + max_new_tokens)
     prefill_s = time.perf_counter() - start
     done = np.zeros(ids.shape[0], dtype=bool)
     steps = 0
