@@ -362,6 +362,60 @@ def test_shared_buffer_runs_without_iobinding_and_refuses_overflow(buffer_files)
         small.step(np.array([4]))
 
 
+# ---------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_files(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the real model), 300 tokens of real text, and shared-buffer
+    decoders with top_k 64 (sparse) and 512 (covering every key)."""
+    from dsa_compile.evaluation import load_causal_lm, token_blocks
+
+    model, tokenizer = load_causal_lm()
+    text = token_blocks(tokenizer, 300, 1)
+    folder = tmp_path_factory.mktemp("smollm2")
+    configs = {"sparse": DSAConfig(top_k=64, dense_below=0),
+               "covering": DSAConfig(top_k=512, dense_below=0)}
+    files = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, config in configs.items():
+            files[name] = str(folder / f"{name}.onnx")
+            dsa_onnx.export(model, (text,), files[name], config=config, past=True,
+                            shared_buffer=True, logits="last")
+    return model, text[0].tolist(), configs, files
+
+
+def test_smollm2_generate_equals_pytorch_dsa_and_dense(smollm2_files):
+    """The real model, a left-padded batch of two (300 and 240 tokens: prefill with
+    past 0, then decode steps with past > 0): top_k 64 gives the PyTorch DSA model's
+    greedy tokens, top_k covering every key gives Hugging Face generate's."""
+    model, text, configs, files = smollm2_files
+    prompts = [text, text[40:280]]
+    got = generate(files["sparse"], prompts, 4)
+    for row, prompt in enumerate(prompts):
+        assert got[row, 300:].tolist() == _dsa_greedy(model, prompt, 4, configs["sparse"])
+    covering = generate(files["covering"], prompts, 4)
+    ids = torch.zeros(2, 300, dtype=torch.long)
+    mask = torch.zeros(2, 300, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 300 - len(p):], mask[row, 300 - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                              do_sample=False)
+    assert covering[:, 300:].tolist() == want[:, 300:].tolist()
+    # 64 of 300 keys changes the logits (not these few greedy tokens): the prefill's
+    # last-position logits are the PyTorch DSA model's, away from the dense model's.
+    ids = torch.tensor([text])
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits[0, -1].numpy()
+        with attention_override(model, "dsa", configs["sparse"]):
+            sparse = model(input_ids=ids, use_cache=False).logits[0, -1].numpy()
+    onnx_sparse = Decoder(files["sparse"]).prefill(ids.numpy(), np.ones_like(ids.numpy()))[0]
+    np.testing.assert_allclose(onnx_sparse, sparse, atol=2e-3)
+    assert np.abs(sparse - dense).max() > 0.05
+
+
 # ---------------------------------------------------------------------------- deploy
 
 _BLOCKED_IMPORT = r"""
