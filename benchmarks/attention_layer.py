@@ -57,11 +57,6 @@ def sample_rows(length: int, device) -> torch.Tensor:
     return torch.tensor(sorted(picks), device=device)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def make_inputs(length: int, index_shape: tuple[int, int], device):
     h_i, d_i = index_shape
     q = torch.randn(B, HQ, length, D, device=device, dtype=torch.bfloat16)
@@ -76,6 +71,7 @@ def make_inputs(length: int, index_shape: tuple[int, int], device):
 def check_dense_rows(out, q, k, v, rows, scale) -> float:
     """SDPA-style causal output on sampled rows vs the fp32 dense reference."""
     from dsa_compile import reference
+    from dsa_compile.metrics import rel_err
 
     errs = []
     for t in rows.tolist():
@@ -87,6 +83,7 @@ def check_dense_rows(out, q, k, v, rows, scale) -> float:
 
 def check_sparse_rows(out, q, k, v, indices, rows, scale) -> float:
     from dsa_compile import reference
+    from dsa_compile.metrics import rel_err
 
     ref, _ = reference.sparse_attention(q[:, :, rows].float(), k.float(), v.float(),
                                         indices[:, :, rows], scale)

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dsa_compile  # noqa: E402
 from dsa_compile.backends import dynamo  # noqa: E402
 from dsa_compile.backends.dynamo import dsa_backend  # noqa: E402
+from dsa_compile.metrics import rel_err  # noqa: E402
 from dsa_compile.ops.dispatch import force_reference  # noqa: E402
 
 
@@ -40,10 +41,6 @@ def build_model(layers: int, max_len: int, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = LlamaModel(cfg).to(device=device, dtype=torch.bfloat16).eval()
     return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def timed(fn, reps: int = 5) -> float:

@@ -72,6 +72,13 @@ class RecallReport:
         return os.fspath(path)
 
 
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (Frobenius norms over every element): how the
+    tests and benchmarks compare a kernel with its reference."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def recall_of_selection(attention: Tensor, selected: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Recall of one selection against a dense attention distribution.
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dsa_compile import reference
+from dsa_compile.metrics import rel_err
 
 decode = importlib.import_module("dsa_compile.kernels.decode")
 
@@ -28,11 +29,6 @@ def _poison(monkeypatch):
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(decode, "_empty", poisoned)
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def lengths(*values):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dsa_compile import kernels, reference
+from dsa_compile.metrics import rel_err
 
 # The package re-exports functions under the modules' names: fetch the modules themselves.
 indexer_module = importlib.import_module("dsa_compile.kernels.indexer_topk")
@@ -31,11 +32,6 @@ def _poison_outputs(monkeypatch):
 
     monkeypatch.setattr(sparse_module, "_empty", poisoned)
     monkeypatch.setattr(indexer_module, "_empty", poisoned)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def random_indices(b, g, lq, lk, top_k, *, missing=0.25, sort=True):
