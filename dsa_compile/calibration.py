@@ -29,30 +29,22 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.evaluation import SiteCall, attention_override, grouped_indexer_for, model_anchors
+from dsa_compile.evaluation.capture import CapturedSite, batch_tokens, capture_sites
+from dsa_compile.evaluation.harness import model_anchors
 from dsa_compile.files import destination, write_atomic
 from dsa_compile.indexer import REGISTRY, GroupedIndexer, Indexer, non_finite_parameters
 from dsa_compile.metrics import peak_recall
+from dsa_compile.reference.dense import grouped_probs
 
 FORMAT = "dsa_compile.indexers"
 VERSION = "1"
 _PARAMS = ("wq", "bq", "wk", "bk", "ww", "bw")
-
-
-@dataclasses.dataclass
-class _Site:
-    name: str
-    module: nn.Module
-    indexer: Indexer | GroupedIndexer
-    scale: float
-    causal: bool
-    acts: list[tuple[Tensor, Tensor]]  # per batch: q [B, Hq, L, D], k [B, Hkv, L, D] on CPU
 
 
 @dataclasses.dataclass
@@ -85,72 +77,6 @@ class CalibrationResult:
                 f"{self.retrieval_after:.4f}")
 
 
-def _run(model: nn.Module, batch) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    else:
-        model(batch)
-
-
-def _batch_tokens(batch) -> int:
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
-    return int(ids.numel()) if isinstance(ids, Tensor) else 0
-
-
-@torch.no_grad()
-def capture_sites(model: nn.Module, batches: Iterable, config: DSAConfig,
-                  caller: str = "calibrate",
-                  per_group: bool = False) -> tuple[dict[str, _Site], int]:
-    """One dense forward per batch, recording every site's q and k (post-RoPE).
-
-    Creates (or finds) each site's indexer in the registry (with ``per_group``, its
-    :class:`GroupedIndexer` in ``GROUPED_REGISTRY``) and fits an unfitted one on the first
-    batch. Returns ({site: _Site}, tokens seen). Raises ValueError (prefixed
-    with ``caller``) when ``batches`` is empty, a site's q or k holds NaN / inf, or the
-    model makes no attention call DSA can take.
-    """
-    if isinstance(batches, Tensor):
-        batches = [batches]  # one batch [B, L]; iterating it would yield 1-D rows
-    sites: dict[str, _Site] = {}
-    tokens = 0
-    count = 0
-
-    def record(call: SiteCall):
-        for name, t in (("q", call.q), ("k", call.k)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(
-                    f"{caller}: batch {count}: the attention {name} of site {call.name!r} "
-                    f"holds NaN or inf values; the model's weights or inputs are not finite "
-                    f"(a NaN weight propagates into every later layer): fix them first")
-        site = sites.get(call.name)
-        if site is None:
-            fqns, anchors = model_anchors(model, call.name)
-            indexer = grouped_indexer_for(model, call) if per_group else REGISTRY.get_or_create(
-                call.name, fqns, anchors, call.q.shape[1], call.k.shape[1], call.q.shape[-1],
-                config, device=call.q.device)
-            if not indexer.fitted:
-                indexer.fit(call.q, call.k)
-            site = sites[call.name] = _Site(call.name, call.module, indexer, call.scale,
-                                            call.causal, [])
-        site.acts.append((call.q.detach().to("cpu", copy=True),
-                          call.k.detach().to("cpu", copy=True)))
-        return None
-
-    with attention_override(model, "capture", config, handler=record):
-        for batch in batches:
-            _run(model, batch)
-            tokens += _batch_tokens(batch)
-            count += 1
-    if count == 0:
-        raise ValueError(f"{caller}: batches is empty; pass at least one input_ids tensor "
-                         f"[B, L] or dict of model inputs")
-    if not sites:
-        raise ValueError(f"{caller}: the model made no F.scaled_dot_product_attention call "
-                         f"that DSA can take (unmasked, no dropout, more than one query); "
-                         f"nothing to measure or calibrate")
-    return sites, tokens
-
-
 def fit_indexers(model: nn.Module, batches: Iterable, config: DSAConfig | None = None) -> list[str]:
     """Training-free start: create (or find) every site's indexer and fit unfitted ones on
     the activations of the first batch (see :meth:`Indexer.fit`). Returns the site names."""
@@ -179,7 +105,7 @@ sinks) nor within 64 positions. Counting every peak, SmolLM2 calibrations scored
 
 
 @torch.no_grad()
-def retrieval_check(sites: dict[str, _Site], top_k: int,
+def retrieval_check(sites: dict[str, CapturedSite], top_k: int,
                     max_rows: int = 256) -> tuple[float, int]:
     """(share of attention peaks the selection keeps, peaks) over every site and batch:
     :func:`dsa_compile.metrics.peak_recall` on up to ``max_rows`` evenly spaced query rows
@@ -222,16 +148,12 @@ def indexer_kl(indexer: Indexer, q: Tensor, k: Tensor, scale: float, causal: boo
     differentiable in the indexer's parameters. With ``top_k``, adds ``recall_weight``
     times the smooth attention mass the top_k selection misses (see _missed_mass).
     """
-    b, hq, _, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    lk = k.shape[2]
     q_rows = q[:, :, rows]
     visible = torch.arange(lk, device=q.device)[None, :] <= rows[:, None]
     with torch.no_grad():
-        logits = torch.einsum("bgrqd,bgkd->bgrqk",
-                              q_rows.float().reshape(b, hkv, hq // hkv, -1, d), k.float()) * scale
-        if causal:
-            logits = logits.masked_fill(~visible, float("-inf"))
-        target = attention_target(logits.softmax(-1), head_max)
+        target = attention_target(grouped_probs(q_rows, k, scale, visible if causal else None),
+                                  head_max)
     q_idx, k_idx, w = indexer(q_rows, k)
     dots = torch.einsum("bqhd,bkd->bqhk", q_idx.float(), k_idx.float())
     scores = torch.einsum("bqhk,bqh->bqk", torch.relu(dots), w.float())
@@ -352,7 +274,7 @@ def calibrate(model: nn.Module, batches: Iterable, config: DSAConfig | None = No
     try:
         sites, tokens = capture_sites(model, batches, config, per_group=per_group)
         before = retrieval_check(sites, config.top_k) if check_retrieval else (math.nan, 0)
-        weights = [max(1, _batch_tokens(batch)) for batch in batches]
+        weights = [max(1, batch_tokens(batch)) for batch in batches]
         indexers = [s.indexer for s in sites.values()]
         params = [p for ix in indexers for p in ix.parameters()]
         for p in params:
@@ -457,7 +379,7 @@ def _check_finite_model(model: nn.Module) -> None:
                              f"attention. Reload or repair the model's weights first")
 
 
-def _diverged(sites: dict[str, _Site], start_state: dict, what: str, lr: float) -> None:
+def _diverged(sites: dict[str, CapturedSite], start_state: dict, what: str, lr: float) -> None:
     """Put every indexer back as it was before training, then raise."""
     with torch.no_grad():
         for name, site in sites.items():

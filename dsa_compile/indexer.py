@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from dsa_compile.config import DSAConfig
+from dsa_compile.reference.dense import grouped_probs
 
 
 def default_index_shape(num_q_heads: int, num_kv_heads: int, head_dim: int) -> tuple[int, int]:
@@ -251,10 +252,7 @@ class Indexer(nn.Module):
         qr = q[:, :, pos].float()
         off = lk - lq
         visible = torch.arange(lk, device=q.device)[None, :] <= (pos + off)[:, None]
-        logits = torch.einsum("bgrqd,bgkd->bgrqk",
-                              qr.reshape(b, self.num_kv_heads, -1, len(pos), d), k.float())
-        logits = (logits * d ** -0.5).masked_fill(~visible, float("-inf"))
-        target = logits.softmax(-1).sum((1, 2)) / hq
+        target = grouped_probs(qr, k, d ** -0.5, visible).sum((1, 2)) / hq
         q_idx, k_idx, _ = self._project(qr, k.float())
         scores = torch.relu(torch.einsum("bqhd,bkd->bqhk", q_idx, k_idx)).sum(2)
         best, best_kl = 1.0, float("inf")

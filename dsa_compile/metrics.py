@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dsa_compile.config import DSAConfig
+from dsa_compile.reference.dense import grouped_probs
 
 
 @dataclasses.dataclass
@@ -120,7 +121,7 @@ def selection_recall(model: nn.Module, batches: Iterable, config: DSAConfig | No
     activations hold NaN / inf, or no batch is long enough for any query to see more
     than top_k keys.
     """
-    from dsa_compile.calibration import capture_sites
+    from dsa_compile.evaluation.capture import capture_sites
 
     config = config or DSAConfig()
     sites, _ = capture_sites(model, batches, config, caller="selection_recall")
@@ -136,13 +137,9 @@ def selection_recall(model: nn.Module, batches: Iterable, config: DSAConfig | No
             rows = torch.linspace(first, lq - 1, min(max_queries, lq - first)).long().unique()
             dev = site.indexer.wq.device
             q, k = q.to(dev), k.to(dev)
-            b, hq, _, d = q.shape
-            hkv = k.shape[1]
             visible = torch.arange(lk, device=dev)[None, :] <= (rows.to(dev) + off)[:, None]
-            logits = torch.einsum("bgrqd,bgkd->bgrqk",
-                                  q[:, :, rows].float().reshape(b, hkv, hq // hkv, -1, d),
-                                  k.float()) * site.scale
-            attention = logits.masked_fill(~visible, float("-inf")).softmax(-1).sum((1, 2)) / hq
+            attention = grouped_probs(q[:, :, rows], k, site.scale, visible).sum((1, 2)) \
+                / q.shape[1]
             q_idx, k_idx, w = site.indexer(q[:, :, rows], k)
             selected = torch.ops.dsa.indexer_topk(q_idx, k_idx, w, config.top_k, 0, False,
                                                   None) if not site.causal else \

@@ -229,3 +229,19 @@ def test_general_mask_shape_errors_say_what_to_do():
         torch.ops.dsa.attention(q, k, k, q_idx, k_idx, w, 4, 1.0, mask=bad.flatten(0, 1))
     with pytest.raises(ValueError, match="mask has dtype"):
         torch.ops.dsa.attention(q, k, k, q_idx, k_idx, w, 4, 1.0, mask=torch.ones(2, 5, 7))
+
+
+@pytest.mark.parametrize("hq,hkv,lq,lk", [(4, 2, 5, 9), (6, 3, 7, 7), (2, 2, 1, 13)])
+def test_grouped_probs_times_v_is_dense_attention(hq, hkv, lq, lk):
+    """The probabilities the distillation target and the recall metrics sum over heads are
+    dense attention's: grouped back to [B, Hq, Lq, Lk] and applied to V they give its output."""
+    g = torch.Generator().manual_seed(hq * lk)
+    q, k, v = (torch.randn(2, hq, lq, 16, generator=g), torch.randn(2, hkv, lk, 16, generator=g),
+               torch.randn(2, hkv, lk, 8, generator=g))
+    off = lk - lq
+    visible = torch.arange(lk)[None, :] <= (torch.arange(lq) + off)[:, None]
+    p = reference.grouped_probs(q, k, 0.3, visible)                  # [B, Hkv, R, Lq, Lk]
+    assert p.shape == (2, hkv, hq // hkv, lq, lk)
+    out = torch.einsum("bgrqk,bgke->bgrqe", p, v).reshape(2, hq, lq, 8)
+    want, _ = reference.dense_attention(q, k, v, 0.3, True, off)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@
     text.py     real English text on the machine (pydoc_data), token blocks
     tasks.py    perplexity, passkey retrieval, greedy continuation
     models.py   load_causal_lm (SmolLM2-135M-Instruct offline by default)
+    capture.py  capture_sites: every site's q and k on dense forwards (calibration, metrics)
 """
 
 from dsa_compile.evaluation.harness import (

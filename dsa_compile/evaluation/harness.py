@@ -32,6 +32,7 @@ from dsa_compile.indexer import (
     Indexer,
     site_anchors,
 )
+from dsa_compile.reference.dense import grouped_probs
 
 MODES = ("dense", "window", "oracle", "dsa", "capture")
 
@@ -144,15 +145,12 @@ def head_summed_attention(q: Tensor, k: Tensor, scale: float, causal: bool,
     The DSA distillation target. Queries are rows ``start ..`` of the site; with GQA each
     KV head serves ``Hq / Hkv`` query heads.
     """
-    b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    qg = q.float().reshape(b, hkv, hq // hkv, lq, d)
-    logits = torch.einsum("bgrqd,bgkd->bgrqk", qg, k.float()) * scale
+    lq, lk = q.shape[2], k.shape[2]
+    visible = None
     if causal:
         pos = torch.arange(lq, device=q.device)[:, None] + start + q_offset
-        logits = logits.masked_fill(torch.arange(lk, device=q.device)[None, :] > pos,
-                                    float("-inf"))
-    return logits.softmax(-1).sum((1, 2)) / hq
+        visible = torch.arange(lk, device=q.device)[None, :] <= pos
+    return grouped_probs(q, k, scale, visible).sum((1, 2)) / q.shape[1]
 
 
 def oracle_indices(call: SiteCall, top_k: int, chunk: int = 256,

@@ -50,3 +50,21 @@ def dense_attention(
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.clamp_min(torch.finfo(torch.float32).min)[..., None])
     return torch.einsum("bhqk,bhkd->bhqd", p, vf).to(q.dtype), lse
+
+
+def grouped_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
+                  visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention probabilities per query head, float32, grouped by the KV head each
+    query head reads: [B, Hkv, Hq / Hkv, Lq, Lk].
+
+    q: [B, Hq, Lq, D], k: [B, Hkv, Lk, D]; ``visible`` (bool, broadcastable to [Lq, Lk])
+    hides the keys where it is False. ``.sum((1, 2)) / Hq`` is the head-summed attention,
+    DSA's selection target.
+    """
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    logits = torch.einsum("bgrqd,bgkd->bgrqk", q.float().reshape(b, hkv, hq // hkv, lq, d),
+                          k.float()) * scale
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    return logits.softmax(-1)
