@@ -13,7 +13,7 @@ through IOBinding), ``genai`` (onnxruntime-genai's own fp32 CPU model, if instal
   onnxruntime-genai prefills random token ids (it stops at 8192) and then decodes
   ``--new`` tokens. The ``--floor`` context (64 tokens) is the step without attention
   work worth the name: weights, MLP, vocabulary projection. Each (engine, context) runs in
-  its own process, which reports its peak resident memory (ru_maxrss);
+  its own process, which reports its peak resident memory (VmHWM);
 - prefill seconds at ``--prefill`` tokens for every engine (own process, peak memory);
 - one layer's decode step at ``--layer-context`` keys: opset-23 ``Attention`` with past vs
   ``dsa.Attention`` with the runtime q_offset input, SmolLM2's shapes.

@@ -218,7 +218,11 @@ def test_sparse_attention_long_sequence_memory_is_bounded():
         idx = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])  # distinct, -1 holes
         out, lse = torch.ops.dsa.sparse_attention(q, k, v, idx, D ** -0.5)
         assert torch.isfinite(out).all()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        # VmHWM, not ru_maxrss: the latter keeps the parent's (pytest's) high-water mark
+        # across fork + exec, so it measured whatever earlier tests had loaded.
+        hwm = [x for x in open("/proc/self/status") if x.startswith("VmHWM:")]
+        print(int(hwm[0].split()[1]) // 1024 if hwm else
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
         """
     )
     # glibc gives each OpenMP worker its own malloc arena and keeps freed per-chunk buffers
