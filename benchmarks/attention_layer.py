@@ -12,7 +12,19 @@ print FAILED instead of a time. Methods:
                 128-blocks (the same key budget as DSA), mask built with _compile=True
 - indexer[HxD]: dsa indexer_topk alone (scores + top-k), at the default indexer shape
                 (dsa_compile.indexer.default_index_shape) and at H_I x d_I = 4 x 128
-- sparse:       dsa sparse_attention alone on the indexer's selection (G=1)
+- sparse:       dsa sparse_attention alone on the indexer's selection (G=1); on random
+                inputs that selection is random (neighbouring queries share almost no
+                keys: the worst case). sparse_rows / sparse_tiles: the per-query kernel
+                and the query-tile kernel forced (kernels/tile_attention.py)
+- real:         the same three on *real-like* selections (benchmarks/selections.py:
+                the generator fitted to SmolLM2's recorded selections), tagged "@real",
+                and dsa_real = the indexer (its output dropped) + sparse attention on
+                the real-like selection, i.e. what a DSA layer costs when the indexer
+                selects like a real model. Every selection's union statistics
+                (|union of BQ consecutive queries| / top_k) are printed
+- floors:       per length, the bf16 matmul rate and copy bandwidth measured in the
+                same run, and the sparse kernel's floor on each selection: effective
+                FLOPs at that rate, or the union's K/V bytes at that bandwidth
 - dsa[HxD]:     indexer_topk + sparse_attention, every query sparse (dense_below=0)
 - dsa_op[HxD]:  torch.ops.dsa.attention with dense_below=top_k (first top_k queries
                 dense: exact there)
@@ -157,6 +169,9 @@ def run(lengths, index_shapes, methods, out_csv, plot_path):
     print(f"{'L':>7} {'method':<16} {'ms':>9} {'TFLOP/s':>8} {'peak GB':>8} {'vs SDPA':>8} "
           f"{'check':>10}", flush=True)
     attn_flops = 4 * B * HQ * D
+    rates = measured_rates(device)
+    print(f"# measured: bf16 matmul {rates['tflops']:.0f} TFLOP/s, copy "
+          f"{rates['tbps']:.2f} TB/s", flush=True)
     for length in lengths:
         torch.manual_seed(length)
         q, k, v, q_idx, k_idx, w = make_inputs(length, shapes[0], device)
@@ -194,10 +209,31 @@ def run(lengths, index_shapes, methods, out_csv, plot_path):
             if "indexer" in methods:
                 err = check_indexer_rows(indices[:, 0], q_idx, k_idx, w, rows, TOP_K)
                 recorder.record(length, f"indexer[{tag}]", indexer, idx_flops, err, tol=1e-2)
-            if "sparse" in methods and (h_i, d_i) == shapes[0]:
-                sparse = functools.partial(kernels.sparse_attention, q, k, v, indices, scale)
-                err = check_sparse_rows(sparse()[0], q, k, v, indices, rows, scale)
-                recorder.record(length, "sparse", sparse, sparse_flops, err)
+            if (h_i, d_i) == shapes[0]:
+                selections = {"": indices}
+                if "real" in methods:
+                    selections["@real"] = real_selection(length, device)
+                for sel_tag, sel in selections.items():
+                    floors(length, sel, sparse_flops, rates, sel_tag)
+                    for name, forced in (("sparse", None), ("sparse_rows", False),
+                                         ("sparse_tiles", True)):
+                        if name not in methods:
+                            continue
+                        fn = functools.partial(kernels.sparse_attention, q, k, v, sel, scale,
+                                               tiles=forced)
+                        err = check_sparse_rows(fn()[0], q, k, v, sel, rows, scale)
+                        recorder.record(length, name + sel_tag, fn, sparse_flops, err)
+                if "@real" in selections and "dsa" in methods:
+                    real = selections["@real"]
+
+                    def dsa_real(real=real, indexer=indexer, q=q, k=k, v=v):
+                        indexer()
+                        return kernels.sparse_attention(q, k, v, real, scale)[0]
+
+                    err = check_sparse_rows(dsa_real(), q, k, v, real, rows, scale)
+                    recorder.record(length, f"dsa_real[{tag}]", dsa_real,
+                                    sparse_flops + idx_flops, err)
+                del selections
             variants = {
                 "dsa": functools.partial(dsa_forced_sparse, q, k, v, q_idx, k_idx, w, scale),
                 "dsa_op": functools.partial(torch.ops.dsa.attention, q, k, v, q_idx, k_idx, w,
@@ -246,6 +282,46 @@ def fp8_methods(recorder, methods, length, tag, q, k, v, q_idx, k_idx, w, rows, 
 
         err = check_sparse_rows(dsa8(), q, k, v, sel8.unsqueeze(1), rows, scale)
         recorder.record(length, f"dsa_fp8[{tag}]", dsa8, sparse_flops + idx_flops, err)
+
+
+def measured_rates(device) -> dict:
+    """The card's bf16 matmul rate (8192^3) and copy bandwidth (2 GiB), this run."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = bench(lambda: a @ a)
+    x = torch.empty(2**30, device=device, dtype=torch.int16)
+    y = torch.empty_like(x)
+    ms_copy = bench(lambda: y.copy_(x))
+    return {"tflops": 2 * 8192**3 / ms / 1e9, "tbps": 2 * 2 * x.numel() / ms_copy / 1e9}
+
+
+def real_selection(length: int, device) -> torch.Tensor:
+    """Real-like selections [B, 1, L, TOP_K] from the generator fitted to SmolLM2."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import selections
+
+    params = selections.load_params("target")
+    sel = selections.generate(length, TOP_K, params, device)
+    return sel[None, None].expand(B, 1, length, TOP_K).contiguous()
+
+
+def floors(length, sel, sparse_flops, rates, tag) -> None:
+    """Union statistics of a selection and the sparse kernel's two floors on it."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import selections
+
+    from dsa_compile.kernels.tile_attention import block_q_for, tile_unions
+
+    bq = block_q_for(HQ // HKV)
+    ratios = selections.union_ratios(sel[0, 0], TOP_K, blocks=(4, 16, 64))
+    _, _, count = tile_unions(sel, length, bq)
+    union_rows = int(count.sum())
+    kv_bytes = union_rows * HKV * 2 * D * 2  # every union key's K and V row, per KV head
+    per_query_bytes = int((sel >= 0).sum()) * HKV * 2 * D * 2
+    print(f"# L={length} selection{tag or '@random'}: union/top_k "
+          + " ".join(f"BQ={b}:{r:.2f}" for b, r in ratios.items())
+          + f"; floors: FLOPs {sparse_flops / rates['tflops'] / 1e9:.3f} ms, union K/V "
+          f"{kv_bytes / rates['tbps'] / 1e9:.3f} ms (BQ={bq}), per-query K/V "
+          f"{per_query_bytes / rates['tbps'] / 1e9:.3f} ms", flush=True)
 
 
 def sliding_window(b, h, q_i, kv_i):
@@ -335,7 +411,9 @@ def main(argv=None):
     parser.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     parser.add_argument("--index-shapes", default="default,4x128",
                         help="comma list of 'default' or HxD indexer shapes")
-    parser.add_argument("--methods", default="sdpa,flex,indexer,sparse,dsa,dsa_op")
+    parser.add_argument("--methods",
+                        default="sdpa,flex,indexer,sparse,sparse_rows,sparse_tiles,real,dsa,"
+                                "dsa_op")
     parser.add_argument("--csv", default="benchmarks/results/attention_layer.csv")
     parser.add_argument("--plot", default="benchmarks/results/attention_layer.png")
     args = parser.parse_args(argv)

@@ -37,10 +37,10 @@ def recompiles_across_lengths(model, lengths, **compile_kw) -> int:
     compiled = torch.compile(model, dynamic=True, **compile_kw)
     with torch.no_grad():
         compiled(input_ids=torch.randint(0, 64, (1, lengths[0])))
-        first = dsa_backend.CALLS["count"]
+        first = dsa_backend.DEFAULT.compiles
         for n in lengths[1:]:
             compiled(input_ids=torch.randint(0, 64, (1, n)))
-    return dsa_backend.CALLS["count"] - first
+    return dsa_backend.DEFAULT.compiles - first
 
 
 def main() -> None:

@@ -82,8 +82,9 @@ def main() -> None:
     with torch.no_grad():
         dense = model(ids).last_hidden_state
         exact = variants["dsa_sparse"](ids).last_hidden_state
-    rewritten = sum(r.rewritten for r in dynamo.LAST_RECORDS)
-    print(f"backend rewrote {rewritten} of {len(dynamo.LAST_RECORDS)} attention sites", flush=True)
+    sites = dynamo.DEFAULT.last.sites
+    rewritten = sum(r.rewritten for r in sites)
+    print(f"backend rewrote {rewritten} of {len(sites)} attention sites", flush=True)
     assert rewritten == args.layers, "the DSA rewrite did not happen; timings would be dense"
     err = rel_err(exact, dense)
     print(f"check: sparse path with top_k covering every key == dense (L={args.top_k}): "

@@ -7,6 +7,8 @@ Public API (everything else is internal):
 
 - :class:`DSAConfig`                      what the rewrite does
 - :func:`apply`, :func:`explain`          the FX passes as a library, and their report
+- :class:`DSABackend`, :func:`last_report`  the torch.compile backend as an object that
+                                          keeps its reports; the report behind "dsa"
 - :func:`calibrate`                       dense warm-up distillation of the indexers
 - :func:`save_indexers`, :func:`load_indexers`   indexer persistence (safetensors)
 - :func:`reset_indexers`                  forget a model's indexers (to change their shape)
@@ -35,6 +37,8 @@ _LAZY = {
     "reset_indexers": "dsa_compile.indexer",
     "selection_recall": "dsa_compile.metrics",
     "index_key_cache": "dsa_compile.backends.index_cache",
+    "DSABackend": "dsa_compile.backends.dynamo",
+    "last_report": "dsa_compile.backends.dynamo",
 }
 
 __all__ = ["DSAConfig", "fp8_indexer", "ops", *_LAZY]

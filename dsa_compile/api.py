@@ -12,43 +12,17 @@ user's model), that runs eagerly and that ``torch.export`` /
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import torch
 from torch import fx, nn
 
 from dsa_compile.config import DSAConfig
-from dsa_compile.passes import SiteRecord, run_passes
+from dsa_compile.ops.dispatch import fp8_indexer
+from dsa_compile.passes import Report, run_passes
 from dsa_compile.passes.fit import fit_new_indexers
 from dsa_compile.passes.masks import StateGuard
 from dsa_compile.passes.normalize import val
-
-
-@dataclasses.dataclass
-class Report:
-    """What the passes did: one :class:`SiteRecord` per attention site."""
-
-    sites: list[SiteRecord]
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def rewritten(self) -> list[SiteRecord]:
-        return [s for s in self.sites if s.rewritten]
-
-    def __str__(self) -> str:
-        rows = [("site", "form", "heads q/kv", "causal", "pad mask", "DSA", "reason")]
-        for s in self.sites:
-            rows.append((s.name or "<root>", s.kind, f"{s.num_q_heads}/{s.num_kv_heads}",
-                         "yes" if s.causal else "no", "yes" if s.key_mask else "no",
-                         "yes" if s.rewritten else "no", s.reason or "-"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        n = len(self.rewritten)
-        lines.append(f"{n} of {len(self.sites)} attention sites rewritten to DSA")
-        lines += [f"note: {note}" for note in self.notes]
-        return "\n".join(lines)
 
 
 def _split_args(example_args):
@@ -178,7 +152,8 @@ def apply(model_or_graph_module, example_args, config: DSAConfig | None = None) 
 
     Returns:
         An ``fx.GraphModule`` computing the model with ``torch.ops.dsa.attention`` in
-        place of each rewritten site; ``.dsa_report`` holds the :class:`Report`. New
+        place of each rewritten site; ``.dsa_report`` holds the :class:`Report`. With
+        ``config.index_fp8`` its forward runs inside :func:`fp8_indexer` (CUDA). New
         indexers are fitted, training-free, on ``example_args`` (at least 256 tokens;
         shorter inputs leave them data-free, with a warning).
 
@@ -193,6 +168,14 @@ def apply(model_or_graph_module, example_args, config: DSAConfig | None = None) 
     gm.dsa_report = Report(records, notes)
     if guard.watching:  # a causal-mask buffer was trusted by its value: watch it
         gm.register_forward_pre_hook(lambda module, args: _check_state(guard))
+    if config.index_fp8:  # the option means what it means under torch.compile
+        generated = gm.forward
+
+        def forward(*a, **kw):
+            with fp8_indexer(True):
+                return generated(*a, **kw)
+
+        gm.forward = forward
     if any(r.rewritten for r in records):
         flat = torch.utils._pytree.tree_leaves((args, kwargs))
 

@@ -576,8 +576,8 @@ def load_indexers(model: nn.Module, path: str | os.PathLike,
             anchors.append(params[fqn])
         if not anchors:
             raise ValueError(f"load_indexers: site {name!r} in {path!r} has no anchors")
-        config = DSAConfig(index_heads=info["index_heads"], index_dim=info["index_dim"])
-        ix = Indexer(info["num_q_heads"], info["num_kv_heads"], info["head_dim"], config)
+        ix = Indexer(info["num_q_heads"], info["num_kv_heads"], info["head_dim"],
+                     info["index_heads"], info["index_dim"])
         with torch.no_grad():
             for p in _PARAMS:
                 key = f"{name}/{p}"

@@ -117,7 +117,8 @@ class Indexer(nn.Module):
 
     Args:
         num_q_heads, num_kv_heads, head_dim: the site's attention shape (Hq, Hkv, D).
-        config: supplies ``index_heads`` / ``index_dim`` (None = default_index_shape).
+        index_heads, index_dim: the indexer's shape H_I x d_I (None = from
+            :func:`default_index_shape`).
 
     Parameters: wq [Hq*D, H_I*d_I], bq [H_I*d_I], wk [Hkv*D, d_I], bk [d_I],
     ww [Hq*D, H_I], bw [H_I]. Raises ValueError when Hq is not a multiple of Hkv or
@@ -125,16 +126,15 @@ class Indexer(nn.Module):
     """
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 config: DSAConfig | None = None):
+                 index_heads: int | None = None, index_dim: int | None = None):
         super().__init__()
-        config = config or DSAConfig()
         if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of "
                              f"num_kv_heads ({num_kv_heads})")
         heads, dim = default_index_shape(num_q_heads, num_kv_heads, head_dim)
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
-        self.index_heads = config.index_heads or heads
-        self.index_dim = config.index_dim or dim
+        self.index_heads = index_heads or heads
+        self.index_dim = index_dim or dim
         if self.index_dim < num_kv_heads + 1:
             raise ValueError(f"index_dim must be at least num_kv_heads + 1 = {num_kv_heads + 1} "
                              f"(one dim per KV group and a bias dim), got {self.index_dim}")
@@ -385,7 +385,8 @@ class IndexerRegistry:
                     f"dsa_compile.reset_indexers(model) to drop the model's indexers "
                     f"(their fit and calibration are lost) and compile again")
             return found
-        indexer = Indexer(num_q_heads, num_kv_heads, head_dim, config)
+        indexer = Indexer(num_q_heads, num_kv_heads, head_dim, config.index_heads,
+                          config.index_dim)
         if device is not None:
             indexer.to(device)
         return self.register(site_name, anchor_fqns, anchors, indexer)
@@ -477,10 +478,10 @@ class GroupedIndexer(nn.Module):
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of "
                              f"num_kv_heads ({num_kv_heads})")
         heads, dim = grouped_index_shape(num_q_heads, num_kv_heads, head_dim)
-        config = DSAConfig(index_heads=index_heads or heads, index_dim=index_dim or dim)
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.group_size = num_q_heads // num_kv_heads
-        self.groups = nn.ModuleList(Indexer(self.group_size, 1, head_dim, config)
+        self.groups = nn.ModuleList(Indexer(self.group_size, 1, head_dim, index_heads or heads,
+                                            index_dim or dim)
                                     for _ in range(num_kv_heads))
 
     @property

@@ -26,8 +26,6 @@ import time
 import torch
 
 import dsa_compile
-from dsa_compile.api import Report
-from dsa_compile.backends import dynamo as dsa_backend
 from dsa_compile.calibration import calibrate, load_indexers, save_indexers
 from dsa_compile.config import DSAConfig
 from dsa_compile.evaluation import load_causal_lm, passkey, perplexity, token_blocks
@@ -54,7 +52,7 @@ def compile_dsa(model, fit_block, config):
                              options={"top_k": config.top_k, "dense_below": config.dense_below})
     with torch.no_grad():
         compiled(fit_block[None])
-    return compiled, Report(list(dsa_backend.LAST_RECORDS))
+    return compiled, dsa_compile.last_report()
 
 
 @torch.no_grad()

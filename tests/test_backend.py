@@ -30,7 +30,7 @@ def test_compile_exact_hugging_face(name, attn):
     with torch.no_grad():
         ref = model(**inputs)[0]
         out = _compile(model, EXACT)(**inputs)[0]
-    assert backend.LAST_RECORDS and all(r.rewritten for r in backend.LAST_RECORDS)
+    assert backend.DEFAULT.last.sites and all(r.rewritten for r in backend.DEFAULT.last.sites)
     rows = (slice(None), slice(3, None)) if name != "bert" else (slice(None),)
     torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)
 
@@ -43,7 +43,7 @@ def test_compile_exact_small_modules(build):
     with torch.no_grad():
         ref = model(x)
         out = _compile(model, EXACT, fullgraph=True)(x)
-    assert [r.rewritten for r in backend.LAST_RECORDS] == [True]
+    assert [r.rewritten for r in backend.DEFAULT.last.sites] == [True]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -53,8 +53,33 @@ def test_small_top_k_changes_output():
     with torch.no_grad():
         ref = model(**inputs)[0]
         out = _compile(model, {"top_k": 4, "dense_below": 0})(**inputs)[0]
-    assert len(backend.LAST_RECORDS) == 2 and all(r.rewritten for r in backend.LAST_RECORDS)
+    sites = backend.DEFAULT.last.sites
+    assert len(sites) == 2 and all(r.rewritten for r in sites)
     assert (out - ref).abs().max() > 1e-3
+
+
+def test_backend_object_keeps_each_graphs_report():
+    """A DSABackend instance: its options, one report per graph (a recompile adds one,
+    the oldest go past ``keep``), and last_report() for the name "dsa"."""
+    import dsa_compile
+
+    be = dsa_compile.DSABackend({"top_k": 4, "dense_below": 0}, keep=2)
+    assert be.last.sites == [] and be.compiles == 0
+    model = M.SDPAAttention().eval()
+    compiled = torch.compile(model, backend=be, dynamic=False)
+    with torch.no_grad():
+        for length in (20, 21, 22):  # static shapes: three graphs
+            x = torch.randn(1, length, 32)
+            assert (compiled(x) - model(x)).abs().max() > 1e-4, "top_k 4 is not sparse"
+    assert be.compiles == 3 and len(be.reports) == 2
+    assert [r.rewritten for r in be.last.sites] == [True]
+    assert "1 of 1 attention sites rewritten" in str(be.last)
+    with pytest.raises(ValueError, match="unknown dsa option"):
+        dsa_compile.DSABackend({"top_kk": 4})
+    with torch.no_grad():
+        _compile(model, EXACT)(x)
+    assert dsa_compile.last_report() is backend.DEFAULT.last
+    assert dsa_compile.last_report().rewritten
 
 
 def test_dynamic_lengths_compile_once():
@@ -62,13 +87,13 @@ def test_dynamic_lengths_compile_once():
     compiled = _compile(model, {"top_k": 64}, dynamic=True)
     with torch.no_grad():
         compiled(input_ids=torch.randint(0, 64, (1, 128)))
-        after_first = backend.CALLS["count"]
+        after_first = backend.DEFAULT.compiles
         for length in (640, 1500, 4096):
             ids = torch.randint(0, 64, (1, length))
             out = compiled(input_ids=ids)[0]
             assert out.shape == (1, length, 64)
-    assert backend.CALLS["count"] == after_first     # no recompile per length
-    assert all(r.rewritten for r in backend.LAST_RECORDS)
+    assert backend.DEFAULT.compiles == after_first     # no recompile per length
+    assert all(r.rewritten for r in backend.DEFAULT.last.sites)
 
 
 def test_rewrite_failure_falls_back_to_dense(monkeypatch):
@@ -97,7 +122,7 @@ def test_compile_reference_style_dsa_layer():
     x = torch.randn(2, 29, 64)
     with torch.no_grad():
         out = _compile(layer, None, fullgraph=True)(x)
-    assert [r.kind for r in backend.LAST_RECORDS] == ["dsa_reference"]
+    assert [r.kind for r in backend.DEFAULT.last.sites] == ["dsa_reference"]
     torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)
 
 
@@ -114,7 +139,7 @@ def test_first_compile_fits_the_indexers_on_the_example_inputs(dynamic):
         out = _compile(model, {"top_k": 4096, "dense_below": 0}, dynamic=dynamic)(input_ids=ids)[0]
     indexers = REGISTRY.indexers_of(model)
     assert len(indexers) == 2 and all(ix.fitted for ix in indexers.values())
-    assert all(r.rewritten for r in backend.LAST_RECORDS)
+    assert all(r.rewritten for r in backend.DEFAULT.last.sites)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -130,7 +155,7 @@ def test_compiled_graph_reads_the_live_indexer_parameters():
         for indexer in REGISTRY.indexers_of(model).values():
             indexer.wk.mul_(-1.0)
         after = compiled(input_ids=ids)[0]
-    assert backend.CALLS["count"] >= 1 and (before - after).abs().max() > 1e-3
+    assert backend.DEFAULT.compiles >= 1 and (before - after).abs().max() > 1e-3
 
 
 def test_index_fp8_option_runs_the_compiled_model_under_fp8_indexer(monkeypatch):

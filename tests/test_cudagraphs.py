@@ -16,7 +16,7 @@ import pytest
 import torch
 from hf_models import tiny_lm
 
-from dsa_compile import DSAConfig, index_key_cache
+from dsa_compile import index_key_cache
 from dsa_compile.backends import dynamo
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -75,7 +75,7 @@ def test_static_inputs_reach_aot_autograd(monkeypatch):
     forward = torch.compile(type(model).forward.__get__(model), backend="dsa",
                             options={**SPARSE, "mode": "reduce-overhead"})
     _decode(model, forward, steps=3)
-    assert any(r.rewritten for r in dynamo.LAST_RECORDS)
+    assert any(r.rewritten for r in dynamo.DEFAULT.last.sites)
     assert seen
     n_params, placeholders, static = seen[-1]
     assert set(range(n_params)) <= static  # the indexers' own parameters
@@ -97,7 +97,7 @@ def test_miss_keeps_the_mirror_address():
     from dsa_compile.indexer import Indexer
 
     store = IndexKeyStore()
-    indexer = Indexer(4, 2, 8, DSAConfig(index_heads=2, index_dim=6))
+    indexer = Indexer(4, 2, 8, index_heads=2, index_dim=6)
     k = torch.randn(1, 2, 9, 8)
     first = store.lookup(k, indexer, torch.float32)
     store.record(k, first, indexer)

@@ -73,8 +73,8 @@ def test_compiled_generate_equals_dense(family, attn, cache):
     dense_logits = _real_logits(model, inputs)
     _compile(model)
     tokens = _generate(model, inputs, **CACHES[cache])
-    assert any(r.rewritten for r in dynamo.LAST_RECORDS), dynamo.LAST_RECORDS
-    assert all(r.rewritten for r in dynamo.LAST_RECORDS), dynamo.LAST_RECORDS
+    assert any(r.rewritten for r in dynamo.DEFAULT.last.sites), dynamo.DEFAULT.last.sites
+    assert all(r.rewritten for r in dynamo.DEFAULT.last.sites), dynamo.DEFAULT.last.sites
     torch.testing.assert_close(_real_logits(model, inputs), dense_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, dense_tokens)
 
@@ -172,4 +172,4 @@ def test_small_top_k_makes_decode_steps_sparse(cache):
     torch.testing.assert_close(step(), dense, atol=1e-4, rtol=1e-4)
     _compile(model, {"top_k": 2, "dense_below": 0})
     assert (step() - dense).abs().max() > 1e-3
-    assert all(r.rewritten for r in dynamo.LAST_RECORDS) and dynamo.LAST_RECORDS
+    assert all(r.rewritten for r in dynamo.DEFAULT.last.sites) and dynamo.DEFAULT.last.sites

@@ -41,7 +41,7 @@ def _cached_and_uncached(family, cache, inputs, **kw):
     for on in (True, False):
         model = tiny_lm(family, "sdpa")
         _compile(model, {**SPARSE, "index_cache": on})
-        runs.append((*_generate(model, inputs, cache, **kw), list(dynamo.LAST_RECORDS)))
+        runs.append((*_generate(model, inputs, cache, **kw), list(dynamo.DEFAULT.last.sites)))
     return runs
 
 
@@ -130,7 +130,7 @@ def test_no_cache_call_is_left_alone():
     ids = torch.randint(1, 96, (1, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
-    assert dynamo.LAST_RECORDS and all(r.index_cache == "" for r in dynamo.LAST_RECORDS)
+    assert dynamo.DEFAULT.last.sites and all(r.index_cache == "" for r in dynamo.DEFAULT.last.sites)
 
 
 def test_store_checks_version_identity_and_drops_dead_tensors():

@@ -25,7 +25,7 @@ def test_default_cost_is_at_most_a_quarter_of_qk():
 @pytest.mark.parametrize("hq,hkv,d,lq,lk", [(9, 3, 64, 63, 111), (4, 4, 128, 17, 17),
                                             (8, 2, 64, 5, 300)], ids=str)
 def test_forward_shapes_and_dtype(hq, hkv, d, lq, lk):
-    ix = Indexer(hq, hkv, d, DSAConfig())
+    ix = Indexer(hq, hkv, d)
     q, k = torch.randn(2, hq, lq, d), torch.randn(2, hkv, lk, d)
     q_idx, k_idx, w = ix(q, k)
     assert q_idx.shape == (2, lq, ix.index_heads, ix.index_dim)
@@ -46,7 +46,7 @@ def test_fit_selects_the_planted_keys():
     torch.manual_seed(0)
     hq, hkv, d, L = 4, 2, 32, 400
     q, k = torch.randn(1, hq, L, d), torch.randn(1, hkv, L, d)
-    ix = Indexer(hq, hkv, d, DSAConfig(index_dim=2 * d + 1)).fit(q, k)  # full rank per group
+    ix = Indexer(hq, hkv, d, index_dim=2 * d + 1).fit(q, k)  # full rank per group
     q_idx, k_idx, w = ix(q, k)
     scores = torch.ops.dsa.indexer_scores(q_idx, k_idx, w, 0, False, None)
     logits = torch.einsum("bgrqd,bgkd->bqk", q.reshape(1, hkv, 2, L, d), k)
@@ -60,7 +60,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         Indexer(9, 2, 64)
     with pytest.raises(ValueError, match="index_dim"):
-        Indexer(8, 4, 16, DSAConfig(index_dim=3))
+        Indexer(8, 4, 16, index_dim=3)
     ix = Indexer(4, 2, 16)
     with pytest.raises(ValueError, match="built for"):
         ix.fit(torch.randn(1, 4, 9, 32), torch.randn(1, 2, 9, 32))

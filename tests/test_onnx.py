@@ -261,7 +261,7 @@ class AttentionSite(torch.nn.Module):
         self.k_proj = torch.nn.Linear(width, hkv * d)
         self.v_proj = torch.nn.Linear(width, hkv * d)
         self.o_proj = torch.nn.Linear(hq * d, width)
-        self.indexer = Indexer(hq, hkv, d, DSAConfig(top_k=top_k))
+        self.indexer = Indexer(hq, hkv, d)
         with torch.no_grad():  # tie-free, informative indexer weights
             self.indexer.ww.normal_(0, 0.05)
 

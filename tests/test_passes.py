@@ -263,3 +263,24 @@ def test_apply_fits_new_indexers_on_the_example_inputs():
     assert len(indexers) == 2 and all(ix.fitted for ix in indexers.values())
     with torch.no_grad():
         torch.testing.assert_close(gm(ids)[0], model(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_apply_honours_index_fp8(monkeypatch):
+    """config.index_fp8 means under apply what it means under torch.compile: the graph
+    runs with the FP8 indexer switched on (read by the CUDA kernels; a probe here)."""
+    from dsa_compile import reference
+    from dsa_compile.ops import dispatch
+
+    seen = []
+    real = reference.indexer_topk
+    monkeypatch.setattr(reference, "indexer_topk",
+                        lambda *a, **kw: seen.append(dispatch.indexer_fp8()) or real(*a, **kw))
+    x = torch.randn(1, 300, 32)
+    for fp8 in (False, True):
+        model = M.SDPAAttention().eval()
+        gm = dsa_compile.apply(model, (x,), DSAConfig(top_k=8, dense_below=0, index_fp8=fp8))
+        seen.clear()
+        with torch.no_grad():
+            gm(x)
+        assert seen and set(seen) == {fp8}
+        assert not dispatch.indexer_fp8()  # switched off again after the call

@@ -151,8 +151,8 @@ def test_compile_exact(form):
         ref = model(**kwargs)
         out = torch.compile(model, backend="dsa", options={"top_k": 4096, "dense_below": 0},
                             fullgraph=True)(**kwargs)
-    assert [(r.name, r.rewritten) for r in backend.LAST_RECORDS] == \
-        [(n, True) for n in case.names], backend.LAST_RECORDS
+    assert [(r.name, r.rewritten) for r in backend.DEFAULT.last.sites] == \
+        [(n, True) for n in case.names], backend.DEFAULT.last.sites
     case.assert_close(out, ref, valid)
 
 
@@ -176,7 +176,7 @@ def test_compile_small_top_k_changes_output():
     with torch.no_grad():
         ref = model(x)
         out = torch.compile(model, backend="dsa", options={"top_k": 4, "dense_below": 0})(x)
-    assert [(r.name, r.rewritten) for r in backend.LAST_RECORDS] == [("attn", True)]
+    assert [(r.name, r.rewritten) for r in backend.DEFAULT.last.sites] == [("attn", True)]
     assert (out - ref).abs().max() > 1e-3
 
 

@@ -68,7 +68,7 @@ def test_in_place_writes_survive_the_backend(write):
     with torch.no_grad():
         compiled(x, pos)
         got = compiled(x, pos)
-    assert dynamo.LAST_RECORDS and all(r.rewritten for r in dynamo.LAST_RECORDS)
+    assert dynamo.DEFAULT.last.sites and all(r.rewritten for r in dynamo.DEFAULT.last.sites)
     assert int(model.calls) == 2  # the fit run worked on copies: no third increment
     torch.testing.assert_close(model.k_cache, want_k)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -161,7 +161,7 @@ def test_unprovable_bool_masks_are_carried_exactly(kind):
         for options in (EXACT, {}):  # the default options compile too (dense dispatch)
             torch._dynamo.reset()
             got = torch.compile(model, backend="dsa", options=options)(q, k, v)
-            assert dynamo.LAST_RECORDS[0].rewritten, dynamo.LAST_RECORDS
+            assert dynamo.DEFAULT.last.sites[0].rewritten, dynamo.DEFAULT.last.sites
             rows = slice(1, None) if kind == "strict" else slice(None)  # row 0 sees no key
             torch.testing.assert_close(got[:, :, rows], want[:, :, rows], atol=1e-5, rtol=1e-5)
     if kind == "strict":  # the model gives NaN for a query with no key, DSA zeros
@@ -195,7 +195,7 @@ def test_masks_from_inputs_are_applied_exactly(kind):
     compiled = torch.compile(model, backend="dsa", options=EXACT)
     with torch.no_grad():
         got, want = compiled(q, k, v, mask), model(q, k, v, mask)
-        assert dynamo.LAST_RECORDS[0].rewritten, dynamo.LAST_RECORDS
+        assert dynamo.DEFAULT.last.sites[0].rewritten, dynamo.DEFAULT.last.sites
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         other = mask.flip(-1)  # the next call's mask differs: read at run time
         other[..., -1] = True if kind == "bool" else 0.0
@@ -293,7 +293,7 @@ def test_fit_run_writes_the_kv_cache_in_place(monkeypatch):
         forward = torch.compile(type(model).forward.__get__(model), backend="dsa",
                                 options=EXACT)
         got, got_keys = decode(forward)
-    assert any(r.rewritten for r in dynamo.LAST_RECORDS)
+    assert any(r.rewritten for r in dynamo.DEFAULT.last.sites)
     assert safe and len(safe[0]) >= 2 * model.config.num_hidden_layers, safe  # K and V
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for g, w in zip(got_keys, want_keys):

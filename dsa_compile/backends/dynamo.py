@@ -7,6 +7,14 @@
 (torch.compile takes ``mode`` or ``options``, not both: with options, ``mode`` goes in them.)
 
 
+What the passes did to each graph is a :class:`~dsa_compile.passes.Report`: a
+:class:`DSABackend` keeps the reports of the graphs it compiled (``backend.reports``;
+``dsa_compile.last_report()`` for the one behind the name "dsa")::
+
+    backend = dsa_compile.DSABackend({"top_k": 2048})
+    compiled = torch.compile(model, backend=backend)
+    compiled(x); print(backend.last)
+
 Registered only through the ``torch_dynamo_backends`` entry point (pyproject): calling
 ``register_backend(name="dsa")`` here as well would make lookup fail with "duplicate
 name". The DSA ops are opaque custom ops, so Inductor keeps them intact as extern
@@ -24,17 +32,11 @@ from torch import fx
 from dsa_compile.backends.index_cache import call_with_mirrors, index_key_cache
 from dsa_compile.config import DSAConfig
 from dsa_compile.ops.dispatch import fp8_indexer
-from dsa_compile.passes import run_passes
+from dsa_compile.passes import Report, run_passes
 from dsa_compile.passes.detect import normalize_path
 from dsa_compile.passes.fit import fit_new_indexers, hint
 from dsa_compile.passes.index_cache import thread_index_cache
 from dsa_compile.passes.masks import StateGuard
-
-LAST_RECORDS: list = []
-"""Site records of the most recent graph this backend compiled (for tests and demos)."""
-
-CALLS = {"count": 0}
-"""How many graphs the backend has compiled (recompiles show up here)."""
 
 
 def graph_params(gm: fx.GraphModule, example_inputs) -> tuple[dict, dict]:
@@ -63,22 +65,68 @@ def graph_params(gm: fx.GraphModule, example_inputs) -> tuple[dict, dict]:
     return params, real
 
 
+class DSABackend:
+    """A ``torch.compile`` backend that rewrites attention to DSA and keeps its reports.
+
+    Args:
+        options: :class:`DSAConfig` fields (unknown keys raise) and optionally
+            ``"mode"`` (Inductor's: ``"reduce-overhead"`` = CUDA graphs); options passed
+            by ``torch.compile(..., options=...)`` override them. Checked here: a bad
+            one raises ValueError at once.
+        keep: how many graphs' reports to keep (the oldest go first).
+
+    Attributes:
+        reports: one :class:`~dsa_compile.passes.Report` per graph compiled, oldest
+            first (a recompile adds one).
+        compiles: graphs compiled so far (recompiles show up here).
+    """
+
+    def __init__(self, options: Mapping | None = None, keep: int = 64):
+        self.options = dict(options or {})
+        DSAConfig.from_options({k: v for k, v in self.options.items() if k != "mode"})
+        inductor_mode(self.options.get("mode"))  # bad options raise here, not mid-compile
+        self.keep = keep
+        self.reports: list[Report] = []
+        self.compiles = 0
+
+    @property
+    def last(self) -> Report:
+        """The most recent graph's report (empty before the first compile)."""
+        return self.reports[-1] if self.reports else Report([])
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, options=None, mode=None, **kwargs):
+        options = {**self.options, **dict(options or {})}
+        mode = options.pop("mode", mode)
+        config, patches = DSAConfig.from_options(options), inductor_mode(mode)
+        self.compiles += 1
+        report = Report([])
+        self.reports = [*self.reports, report][-self.keep:]
+        return _compile(gm, example_inputs, config, patches, report)
+
+
 def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, **kwargs):
-    """Backend entry point: ``options`` map onto :class:`DSAConfig` (unknown keys raise),
-    except ``"mode"``; ``mode`` is Inductor's (``"reduce-overhead"``: CUDA graphs)."""
-    if isinstance(options, Mapping) and "mode" in options:
-        options = dict(options)
-        mode = options.pop("mode")
-    patches = inductor_mode(mode)
-    config = DSAConfig.from_options(options)
-    CALLS["count"] += 1
+    """Backend entry point of the name "dsa": ``options`` map onto :class:`DSAConfig`
+    (unknown keys raise), except ``"mode"``; ``mode`` is Inductor's (``"reduce-overhead"``:
+    CUDA graphs). Its reports: :data:`DEFAULT` (``dsa_compile.last_report()``)."""
+    return DEFAULT(gm, example_inputs, options, mode, **kwargs)
+
+
+def last_report() -> Report:
+    """The report of the most recent graph compiled by ``backend="dsa"``: which attention
+    sites were rewritten to DSA, and why the others were not."""
+    return DEFAULT.last
+
+
+def _compile(gm: fx.GraphModule, example_inputs, config: DSAConfig, patches: dict,
+             report: Report):
+    """Rewrite ``gm`` (its site records go into ``report``) and compile it with Inductor."""
     dense = _copy(gm)
     guard = plan = None
     try:
         params, real = graph_params(gm, example_inputs)
         guard = StateGuard(real.get)
-        LAST_RECORDS[:] = run_passes(gm, config, params, lookup=guard)
-        if any(r.rewritten for r in LAST_RECORDS):
+        report.sites[:] = run_passes(gm, config, params, lookup=guard)
+        if report.rewritten:
             _name_indexer_params(gm)
             # With dynamic shapes sizes arrive as SymInts; their hints are the real sizes
             # (reading a hint adds no guard, so the compile stays dynamic).
@@ -91,7 +139,7 @@ def dsa_backend(gm: fx.GraphModule, example_inputs, options=None, mode=None, **k
             for x, version in before:
                 if x._version != version:
                     index_key_cache().carry_over(x, version)
-            plan = _plan_index_cache(gm, config)
+            plan = _plan_index_cache(gm, config, report)
     except Exception as e:  # never break the user's model: fall back to the dense graph
         _warn_dense(e)
         gm, guard, plan = dense, None, None
@@ -176,7 +224,7 @@ def _name_indexer_params(gm: fx.GraphModule) -> None:
             sources[name] = ConstantSource(f"__dsa_{name}")
 
 
-def _plan_index_cache(gm: fx.GraphModule, config: DSAConfig):
+def _plan_index_cache(gm: fx.GraphModule, config: DSAConfig, report: Report):
     """The index-key cache plan of a copy of ``gm`` (None when no site reads a cache, the
     option is off, or autograd records: mirrors are inference state)."""
     if not config.index_cache or torch.is_grad_enabled():
@@ -185,7 +233,7 @@ def _plan_index_cache(gm: fx.GraphModule, config: DSAConfig):
     plan = thread_index_cache(work)
     if not plan.sites:
         return None
-    for r in LAST_RECORDS:
+    for r in report.sites:
         kind_rows = plan.sites.get(r.name)
         if kind_rows is not None:
             r.index_cache, r.key_rows = kind_rows
@@ -213,3 +261,7 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         if hasattr(old_node, "_dynamo_source"):
             new_node._dynamo_source = old_node._dynamo_source
     return new
+
+
+DEFAULT = DSABackend()
+"""The instance behind ``backend="dsa"``."""

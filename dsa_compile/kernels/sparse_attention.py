@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsa_compile.kernels import tile_attention
 from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -144,8 +145,13 @@ def sparse_attention(
     scale: float,
     softcap: float = 0.0,
     bias: torch.Tensor | None = None,
+    tiles: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over only its selected keys (Triton).
+
+    Runs by query tiles (:mod:`dsa_compile.kernels.tile_attention`: each tile's union of
+    keys gathered once) where :func:`~dsa_compile.kernels.tile_attention.use_tiles`
+    says that is faster, else one program per (query, KV head); ``tiles`` forces one.
 
     Args:
         q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv]; Hq % Hkv == 0; any
@@ -164,13 +170,19 @@ def sparse_attention(
     hkv, dv = k.shape[1], v.shape[-1]
     r = hq // hkv
     g, top_k = indices.shape[1], indices.shape[-1]
+    for name, t in (("q", q), ("k", k), ("v", v), ("indices", indices)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"sparse_attention: {name} must be contiguous in its last dimension")
+    if tiles is None:
+        tiles = tile_attention.use_tiles(lq, r, bias)
+    if tiles:
+        if bias is not None:
+            raise ValueError("sparse_attention: the tile kernel takes no slot bias")
+        return tile_attention.tile_sparse_attention(q, k, v, indices, scale, softcap)
     out = _empty((b, hq, lq, dv), q.dtype, q.device)
     lse = _empty((b, hq, lq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
-    for name, t in (("q", q), ("k", k), ("v", v), ("indices", indices)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"sparse_attention: {name} must be contiguous in its last dimension")
     grid = (lq, b * hkv)
     if bias is not None:
         bias = bias.float().expand(indices.shape).contiguous()

@@ -7,6 +7,8 @@ leaves the graph dense and is reported.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import fx
 
@@ -16,7 +18,34 @@ from dsa_compile.passes.forms import FORMS, find_sites, form_of
 from dsa_compile.passes.normalize import eliminate_dead_code
 from dsa_compile.passes.rewrite import COUNTERS, SiteRecord, record, selected
 
-__all__ = ["COUNTERS", "FORMS", "SiteRecord", "find_sites", "normalize_path", "run_passes"]
+__all__ = ["COUNTERS", "FORMS", "Report", "SiteRecord", "find_sites", "normalize_path",
+           "run_passes"]
+
+
+@dataclasses.dataclass
+class Report:
+    """What the passes did: one :class:`SiteRecord` per attention site."""
+
+    sites: list[SiteRecord]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.rewritten]
+
+    def __str__(self) -> str:
+        rows = [("site", "form", "heads q/kv", "causal", "pad mask", "DSA", "reason")]
+        for s in self.sites:
+            rows.append((s.name or "<root>", s.kind, f"{s.num_q_heads}/{s.num_kv_heads}",
+                         "yes" if s.causal else "no", "yes" if s.key_mask else "no",
+                         "yes" if s.rewritten else "no", s.reason or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n = len(self.rewritten)
+        lines.append(f"{n} of {len(self.sites)} attention sites rewritten to DSA")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
 
 
 def run_passes(gm: fx.GraphModule, config: DSAConfig, params: dict[str, torch.Tensor],

@@ -193,97 +193,149 @@ def _int_const(x):
 
 
 def _pos_eval(node, lookup: Callable):
-    """Abstract value of a positional mask expression (see module doc)."""
+    """Abstract value of a positional mask expression (see module doc): a constant, a
+    :class:`_Lin` position, :data:`_TRUE` / :data:`_FALSE` or a causal :class:`_Half`.
+    One rule per op (:data:`_POS_RULES`); anything else is rejected."""
     if not isinstance(node, Node):
         if is_number(node):
             return _Lin({}, _int_const(node))
         if isinstance(node, bool):
             return _TRUE if node else _FALSE
         raise Reject(f"unsupported constant {node!r}")
-    op = op_of(node)
-    a = node.args
-    if op == "arange":
-        start = 0 if len(a) < 2 else a[0]
-        return _Lin({-1: 1}, _int_const(start))
-    if op in _SAME_VALUE:
-        return _pos_eval(a[0], lookup)
-    if op == "ones" or (op == "full" and arg(node, 1, "fill_value") is True):
-        return _TRUE
-    if op in ("add", "sub"):
-        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
-        if not (isinstance(x, _Lin) and isinstance(y, _Lin)):
-            raise Reject(f"{op} of non-integer positions")
-        sign = 1 if op == "add" else -1
-        coef = dict(x.coef)
-        for ax, c in y.coef.items():
-            coef[ax] = coef.get(ax, 0) + sign * c
-        return _Lin({k: c for k, c in coef.items() if c}, x.const + sign * y.const)
-    if op == "getitem" and isinstance(a[1], tuple) and a[1] and all(
-            isinstance(i, Node) for i in a[1]):
-        return _gather(_pos_eval(a[0], lookup), [_pos_eval(i, lookup) for i in a[1]])
-    if op == "diff":
-        return _diff(node, lookup)
-    if op == "cumsum":
-        x = _pos_eval(a[0], lookup)
-        if x == _FALSE or (isinstance(x, _Lin) and not x.coef and x.const == 0):
-            return _Lin({}, 0)
-        raise Reject("cumsum of a non-zero value")
-    if op in ("getitem", "unsqueeze"):
-        x = _pos_eval(a[0], lookup)
-        src, dst = val(a[0]), val(node)
-        if src is None or dst is None:
-            raise Reject("no shape on positional index")
-        if isinstance(x, (_Half, str)):
-            return _slice_from_origin(node, x)
-        return _Lin(_move_axes(node, x.coef, src.dim(), dst.dim()), x.const)
-    if op in ("le", "lt", "ge", "gt"):
-        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
-        if op in ("ge", "gt"):
-            x, y = y, x
-        if not (isinstance(x, _Lin) and isinstance(y, _Lin)):
-            raise Reject("comparison of non-positions")
-        coef = dict(x.coef)
-        for ax, c in y.coef.items():
-            coef[ax] = coef.get(ax, 0) - c
-        coef = {k: c for k, c in coef.items() if c}
-        const = x.const - y.const + (1 if op in ("lt", "gt") else 0)
-        if len(coef) == 1 and next(iter(coef.values())) == -1 and const <= 0:
-            return _TRUE                 # -i + const <= 0 holds for every index i >= 0
-        if coef == {-1: 1, -2: -1}:      # k - q + const <= 0  <=>  k <= q - const
-            return _Half(-const)
-        if coef == {-1: -1, -2: 1}:      # q - k + const <= 0  <=>  k >= q + const
-            return _Half(const - 1, negated=True)
-        raise Reject("comparison is not between query and key positions")
-    if op == "and":
-        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
-        if x == _TRUE:
-            return y
-        if y == _TRUE:
-            return x
-        raise Reject("two positional constraints (sliding window?)")
-    if op == "not":
-        x = _pos_eval(a[0], lookup)
-        if isinstance(x, _Half):
-            return _Half(x.o, not x.negated)
-        raise Reject("negated non-causal value")
-    if op in ("eq", "ne") and is_number(a[1]) or op in ("eq", "ne") and isinstance(a[1], Node):
-        x, y = _pos_eval(a[0], lookup), _pos_eval(a[1], lookup)
-        if isinstance(x, _Lin) and isinstance(y, _Lin) and x.coef == y.coef:
-            return _TRUE if (x.const == y.const) == (op == "eq") else _FALSE
-    if op in ("eq", "ne"):
-        x = _pos_eval(a[0], lookup)
-        if isinstance(x, _Half) and a[1] == 0:
-            return _Half(x.o, x.negated != (op == "eq"))
-        raise Reject(f"{op} on non-triangular value")
-    if op in ("tril", "triu"):
-        if _pos_eval(a[0], lookup) != _TRUE:
-            raise Reject(f"{op} of a tensor that is not all ones")
-        d = _int_const(arg(node, 1, "diagonal", 0))
-        # tril: True where k <= q + d; triu: True where k >= q + d, i.e. not k <= q + d - 1.
-        return _Half(d) if op == "tril" else _Half(d - 1, negated=True)
     if node.op in ("placeholder", "get_attr"):
         return _triangular_buffer(node, lookup)
-    raise Reject(f"unsupported op {op or node.target} in positional mask")
+    op = op_of(node)
+    if op in _SAME_VALUE:
+        return _pos_eval(node.args[0], lookup)
+    rule = _POS_RULES.get(op)
+    if rule is None:
+        raise Reject(f"unsupported op {op or node.target} in positional mask")
+    return rule(node, node.args, lambda x: _pos_eval(x, lookup), lookup)
+
+
+def _linear_sum(x, y, sign: int) -> dict:
+    """Coefficients of x + sign * y (zero terms dropped)."""
+    coef = dict(x.coef)
+    for ax, c in y.coef.items():
+        coef[ax] = coef.get(ax, 0) + sign * c
+    return {k: c for k, c in coef.items() if c}
+
+
+def _pos_arange(node, a, ev, lookup):
+    return _Lin({-1: 1}, _int_const(0 if len(a) < 2 else a[0]))
+
+
+def _pos_ones(node, a, ev, lookup):
+    return _TRUE
+
+
+def _pos_full(node, a, ev, lookup):
+    if arg(node, 1, "fill_value") is True:
+        return _TRUE
+    raise Reject("full of a value other than True in positional mask")
+
+
+def _pos_add_sub(node, a, ev, lookup):
+    x, y = ev(a[0]), ev(a[1])
+    if not (isinstance(x, _Lin) and isinstance(y, _Lin)):
+        raise Reject(f"{op_of(node)} of non-integer positions")
+    sign = 1 if op_of(node) == "add" else -1
+    return _Lin(_linear_sum(x, y, sign), x.const + sign * y.const)
+
+
+def _pos_getitem(node, a, ev, lookup):
+    if isinstance(a[1], tuple) and a[1] and all(isinstance(i, Node) for i in a[1]):
+        return _gather(ev(a[0]), [ev(i) for i in a[1]])  # advanced indexing
+    return _pos_reshape(node, a, ev, lookup)
+
+
+def _pos_reshape(node, a, ev, lookup):
+    """getitem by slices / None and unsqueeze: the same value on moved axes."""
+    x = ev(a[0])
+    src, dst = val(a[0]), val(node)
+    if src is None or dst is None:
+        raise Reject("no shape on positional index")
+    if isinstance(x, (_Half, str)):
+        return _slice_from_origin(node, x)
+    return _Lin(_move_axes(node, x.coef, src.dim(), dst.dim()), x.const)
+
+
+def _pos_diff(node, a, ev, lookup):
+    return _diff(node, lookup)
+
+
+def _pos_cumsum(node, a, ev, lookup):
+    x = ev(a[0])
+    if x == _FALSE or (isinstance(x, _Lin) and not x.coef and x.const == 0):
+        return _Lin({}, 0)
+    raise Reject("cumsum of a non-zero value")
+
+
+def _pos_compare(node, a, ev, lookup):
+    op = op_of(node)
+    x, y = ev(a[0]), ev(a[1])
+    if op in ("ge", "gt"):
+        x, y = y, x
+    if not (isinstance(x, _Lin) and isinstance(y, _Lin)):
+        raise Reject("comparison of non-positions")
+    coef = _linear_sum(x, y, -1)
+    const = x.const - y.const + (1 if op in ("lt", "gt") else 0)
+    if len(coef) == 1 and next(iter(coef.values())) == -1 and const <= 0:
+        return _TRUE                 # -i + const <= 0 holds for every index i >= 0
+    if coef == {-1: 1, -2: -1}:      # k - q + const <= 0  <=>  k <= q - const
+        return _Half(-const)
+    if coef == {-1: -1, -2: 1}:      # q - k + const <= 0  <=>  k >= q + const
+        return _Half(const - 1, negated=True)
+    raise Reject("comparison is not between query and key positions")
+
+
+def _pos_and(node, a, ev, lookup):
+    x, y = ev(a[0]), ev(a[1])
+    if x == _TRUE:
+        return y
+    if y == _TRUE:
+        return x
+    raise Reject("two positional constraints (sliding window?)")
+
+
+def _pos_not(node, a, ev, lookup):
+    x = ev(a[0])
+    if isinstance(x, _Half):
+        return _Half(x.o, not x.negated)
+    raise Reject("negated non-causal value")
+
+
+def _pos_equal(node, a, ev, lookup):
+    eq = op_of(node) == "eq"
+    x = ev(a[0])
+    if is_number(a[1]) or isinstance(a[1], Node):
+        y = ev(a[1])
+        if isinstance(x, _Lin) and isinstance(y, _Lin) and x.coef == y.coef:
+            return _TRUE if (x.const == y.const) == eq else _FALSE
+    if isinstance(x, _Half) and a[1] == 0:
+        return _Half(x.o, x.negated != eq)
+    raise Reject(f"{op_of(node)} on non-triangular value")
+
+
+def _pos_triangle(node, a, ev, lookup):
+    op = op_of(node)
+    if ev(a[0]) != _TRUE:
+        raise Reject(f"{op} of a tensor that is not all ones")
+    d = _int_const(arg(node, 1, "diagonal", 0))
+    # tril: True where k <= q + d; triu: True where k >= q + d, i.e. not k <= q + d - 1.
+    return _Half(d) if op == "tril" else _Half(d - 1, negated=True)
+
+
+_POS_RULES: dict[str, Callable] = {
+    "arange": _pos_arange, "ones": _pos_ones, "full": _pos_full,
+    "add": _pos_add_sub, "sub": _pos_add_sub,
+    "getitem": _pos_getitem, "unsqueeze": _pos_reshape,
+    "diff": _pos_diff, "cumsum": _pos_cumsum,
+    "le": _pos_compare, "lt": _pos_compare, "ge": _pos_compare, "gt": _pos_compare,
+    "and": _pos_and, "not": _pos_not, "eq": _pos_equal, "ne": _pos_equal,
+    "tril": _pos_triangle, "triu": _pos_triangle,
+}
+"""How each op of a positional mask maps its arguments' abstract values to its own."""
 
 
 class StateGuard:
