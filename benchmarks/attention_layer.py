@@ -23,8 +23,10 @@ print FAILED instead of a time. Methods:
                 selects like a real model. Every selection's union statistics
                 (|union of BQ consecutive queries| / top_k) are printed
 - floors:       per length, the bf16 matmul rate and copy bandwidth measured in the
-                same run, and the sparse kernel's floor on each selection: effective
-                FLOPs at that rate, or the union's K/V bytes at that bandwidth
+                same run; the sparse kernel's FLOP floor (effective FLOPs at that rate;
+                its byte floor, K and V read once, is far below) and, for scale, the
+                gathered bytes at copy rate if no program reused another's rows (by
+                tiles: every tile's union; per query: every selected row)
 - dsa[HxD]:     indexer_topk + sparse_attention, every query sparse (dense_below=0)
 - dsa_op[HxD]:  torch.ops.dsa.attention with dense_below=top_k (first top_k queries
                 dense: exact there)
@@ -145,7 +147,7 @@ def peak_gb(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def run(lengths, index_shapes, methods, out_csv, plot_path):
+def run(lengths, index_shapes, methods, out_csv, plot_path, block_qs=(None,)):
     import dsa_compile.ops  # noqa: F401  (registers torch.ops.dsa)
     from dsa_compile import kernels
     from dsa_compile.indexer import default_index_shape
@@ -215,12 +217,7 @@ def run(lengths, index_shapes, methods, out_csv, plot_path):
                     selections["@real"] = real_selection(length, device)
                 for sel_tag, sel in selections.items():
                     floors(length, sel, sparse_flops, rates, sel_tag)
-                    for name, forced in (("sparse", None), ("sparse_rows", False),
-                                         ("sparse_tiles", True)):
-                        if name not in methods:
-                            continue
-                        fn = functools.partial(kernels.sparse_attention, q, k, v, sel, scale,
-                                               tiles=forced)
+                    for name, fn in sparse_variants(q, k, v, sel, scale, methods, block_qs):
                         err = check_sparse_rows(fn()[0], q, k, v, sel, rows, scale)
                         recorder.record(length, name + sel_tag, fn, sparse_flops, err)
                 if "@real" in selections and "dsa" in methods:
@@ -284,6 +281,26 @@ def fp8_methods(recorder, methods, length, tag, q, k, v, q_idx, k_idx, w, rows, 
         recorder.record(length, f"dsa_fp8[{tag}]", dsa8, sparse_flops + idx_flops, err)
 
 
+def sparse_variants(q, k, v, sel, scale, methods, block_qs):
+    """(name, fn) of the sparse-attention methods asked for: the dispatcher, the
+    per-query kernel, and the tile kernel at each block_q (its default first)."""
+    from dsa_compile import kernels
+    from dsa_compile.kernels.tile_attention import tile_sparse_attention
+
+    out = []
+    if "sparse" in methods:
+        out.append(("sparse", functools.partial(kernels.sparse_attention, q, k, v, sel, scale)))
+    if "sparse_rows" in methods:
+        out.append(("sparse_rows", functools.partial(kernels.sparse_attention, q, k, v, sel,
+                                                     scale, tiles=False)))
+    if "sparse_tiles" in methods:
+        for bq in block_qs:
+            out.append((f"sparse_tiles{'' if bq is None else f'_bq{bq}'}",
+                        functools.partial(tile_sparse_attention, q, k, v, sel, scale,
+                                          block_q=bq)))
+    return out
+
+
 def measured_rates(device) -> dict:
     """The card's bf16 matmul rate (8192^3) and copy bandwidth (2 GiB), this run."""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -319,8 +336,9 @@ def floors(length, sel, sparse_flops, rates, tag) -> None:
     per_query_bytes = int((sel >= 0).sum()) * HKV * 2 * D * 2
     print(f"# L={length} selection{tag or '@random'}: union/top_k "
           + " ".join(f"BQ={b}:{r:.2f}" for b, r in ratios.items())
-          + f"; floors: FLOPs {sparse_flops / rates['tflops'] / 1e9:.3f} ms, union K/V "
-          f"{kv_bytes / rates['tbps'] / 1e9:.3f} ms (BQ={bq}), per-query K/V "
+          + f"; FLOP floor {sparse_flops / rates['tflops'] / 1e9:.3f} ms; gathers at copy rate "
+          f"with no reuse between programs: by tiles (BQ={bq}) "
+          f"{kv_bytes / rates['tbps'] / 1e9:.3f} ms, per query "
           f"{per_query_bytes / rates['tbps'] / 1e9:.3f} ms", flush=True)
 
 
@@ -414,6 +432,9 @@ def main(argv=None):
     parser.add_argument("--methods",
                         default="sdpa,flex,indexer,sparse,sparse_rows,sparse_tiles,real,dsa,"
                                 "dsa_op")
+    parser.add_argument("--tile-block-q", default="",
+                        help="comma list of extra block_q values for sparse_tiles "
+                             "(default: only the kernel's own choice)")
     parser.add_argument("--csv", default="benchmarks/results/attention_layer.csv")
     parser.add_argument("--plot", default="benchmarks/results/attention_layer.png")
     args = parser.parse_args(argv)
@@ -421,7 +442,8 @@ def main(argv=None):
         print("attention_layer.py needs a CUDA GPU", file=sys.stderr)
         return 2
     run([int(x) for x in args.lengths.split(",")], args.index_shapes.split(","),
-        set(args.methods.split(",")), args.csv, args.plot)
+        set(args.methods.split(",")), args.csv, args.plot,
+        (None, *(int(x) for x in args.tile_block_q.split(",") if x)))
     return 0
 
 

@@ -7,13 +7,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-DENSE_BELOW_DEFAULT = 131072
-"""Default ``dense_below``: on an H200 (benchmarks/RESULTS.md, attention_layer.py, bf16,
-32/8 heads, D=128, top_k=2048) the DSA kernels were slower than SDPA at every length up
-to 128K (0.65x there), so every query up to 128K visible keys stays dense and the DSA
-model is never slower than dense in that range. Pass ``dense_below=0`` for sparsity at
-any length (quality studies, memory), or a smaller value once faster kernels move the
-crossover down."""
+DENSE_BELOW_DEFAULT = 65536
+"""Default ``dense_below``: the measured crossover of one DSA layer (indexer + top-k +
+query-tile sparse attention) against SDPA on selections like a real model's
+(benchmarks/RESULTS.md, attention_layer.py on an H100, bf16, 32/8 heads, D=128,
+top_k=2048): 0.79x at 32K, 1.09x at 64K, 1.48x at 128K. Queries that see at most 64K
+keys stay dense. Pass ``dense_below=0`` for sparsity at any length (quality studies,
+memory)."""
 
 
 def dense_threshold(top_k: int, dense_below: int) -> int:

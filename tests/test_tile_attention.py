@@ -153,6 +153,31 @@ def test_dispatch_takes_tiles_for_long_calls_and_the_row_kernel_otherwise(monkey
         kernels.sparse_attention(q, k, k, idx, 0.125, bias=bias, tiles=True)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_large_unions_go_to_the_row_kernel(monkeypatch, share):
+    """The dispatcher's tiles beside the per-query kernel: tiles whose union exceeds
+    LARGE_UNION of their slots are served per query (share 0: all, 1: none), decided on
+    the device; every output written once (poisoned), all equal to the reference."""
+    monkeypatch.setattr(tile_module, "LARGE_UNION", share)
+    gen = torch.Generator().manual_seed(11)
+    lq, lk, top_k = 70, 90, 12
+    idx = torch.cat([structured_selection(1, 1, 40, lk, top_k, lk - lq, gen, churn=0.02),
+                     random_selection(1, 1, 30, lk, top_k, lk - 30, gen)], dim=2).to(DEVICE)
+    q = torch.randn(1, 8, lq, 64, generator=gen).to(DEVICE)
+    k = torch.randn(1, 2, lk, 64, generator=gen).to(DEVICE)
+    v = torch.randn(1, 2, lk, 64, generator=gen).to(DEVICE)
+    rows_launched = []
+    real_rows = sparse_module._rows
+    monkeypatch.setattr(sparse_module, "_rows",
+                        lambda *a, **kw: rows_launched.append(a[-1]) or real_rows(*a, **kw))
+    out, lse = kernels.sparse_attention(q, k, v, idx, 0.125)
+    ref_out, ref_lse = reference.sparse_attention(q, k, v, idx, 0.125)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_err(out, ref_out) < TOL[torch.float32]
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert rows_launched == [int(share * tile_module.block_q_for(4) * top_k)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("structured", [False, True])

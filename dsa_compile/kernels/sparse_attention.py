@@ -61,7 +61,7 @@ def _tanh(x):
 )
 @triton.jit
 def sparse_attention_fwd_kernel(
-    Q, K, V, IDX, BIAS, OUT, LSE,
+    Q, K, V, IDX, BIAS, OUT, LSE, COUNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -69,12 +69,14 @@ def sparse_attention_fwd_kernel(
     stride_bb, stride_bg, stride_bt,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh, stride_lt,
-    HKV, TOPK, scale, softcap,
+    stride_cb, stride_cg,
+    HKV, TOPK, scale, softcap, union_limit,
     R: tl.constexpr, BLOCK_R: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PER_HEAD_INDICES: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    TILE_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -99,10 +101,19 @@ def sparse_attention_fwd_kernel(
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
+    slots = TOPK
+    if TILE_Q > 0:
+        # Beside the tile kernel: this query is ours only if its tile's union of keys
+        # (COUNT, [B, G, tiles]) is too large for the tile kernel to pay.
+        ig = g if PER_HEAD_INDICES else 0
+        ours = tl.load(COUNT + b * stride_cb + ig * stride_cg + t // TILE_Q) > union_limit
+        slots = tl.where(ours, TOPK, 0)
+        row_ok = row_ok & (tl.zeros([BLOCK_R], tl.int32) + ours.to(tl.int32) != 0)
+
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-    for start in range(0, TOPK, BLOCK_N):
+    for start in range(0, slots, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         idx = tl.load(idx_base + offs_n, mask=offs_n < TOPK, other=-1).to(tl.int64)  # [BN]
         valid = idx >= 0
@@ -166,10 +177,9 @@ def sparse_attention(
         (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32). A query with no
         valid key gets zeros and lse = -inf.
     """
-    b, hq, lq, d = q.shape
+    b, hq, lq, _ = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     r = hq // hkv
-    g, top_k = indices.shape[1], indices.shape[-1]
     for name, t in (("q", q), ("k", k), ("v", v), ("indices", indices)):
         if t.stride(-1) != 1:
             raise ValueError(f"sparse_attention: {name} must be contiguous in its last dimension")
@@ -178,17 +188,33 @@ def sparse_attention(
     if tiles:
         if bias is not None:
             raise ValueError("sparse_attention: the tile kernel takes no slot bias")
-        return tile_attention.tile_sparse_attention(q, k, v, indices, scale, softcap)
+        # Tiles whose union is too large (near-random selections) run per query instead,
+        # decided on the device per tile: no host sync, so it captures in a CUDA graph.
+        return tile_attention.tile_sparse_attention(q, k, v, indices, scale, softcap,
+                                                    large_unions=_rows)
     out = _empty((b, hq, lq, dv), q.dtype, q.device)
     lse = _empty((b, hq, lq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    _rows(q, k, v, indices, scale, softcap, bias, out, lse)
+    return out, lse
+
+
+def _rows(q, k, v, indices, scale, softcap, bias, out, lse, count=None, tile_q=0, limit=0):
+    """Launch the per-query kernel into out / lse; with ``count`` ([B, G, tiles] union
+    sizes of tiles of ``tile_q`` queries), only for the queries of tiles whose union
+    exceeds ``limit`` (the tile kernel writes the others)."""
+    b, hq, lq, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    r = hq // hkv
+    g, top_k = indices.shape[1], indices.shape[-1]
     grid = (lq, b * hkv)
     if bias is not None:
         bias = bias.float().expand(indices.shape).contiguous()
     bs = bias if bias is not None else indices  # any tensor: unused without HAS_BIAS
+    cnt = count if count is not None else lse  # any tensor: unused without TILE_Q
     sparse_attention_fwd_kernel[grid](
-        q, k, v, indices, bs, out, lse,
+        q, k, v, indices, bs, out, lse, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -196,12 +222,13 @@ def sparse_attention(
         bs.stride(0), bs.stride(1), bs.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        hkv, top_k, float(scale), float(softcap) if softcap > 0 else 1.0,
+        cnt.stride(0), cnt.stride(1),
+        hkv, top_k, float(scale), float(softcap) if softcap > 0 else 1.0, limit,
         R=r, BLOCK_R=max(16, triton.next_power_of_2(r)),
         D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         PER_HEAD_INDICES=g > 1, SOFTCAP=softcap > 0, HAS_BIAS=bias is not None,
         IEEE=q.dtype == torch.float32,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        TILE_Q=tile_q if count is not None else 0,
     )
-    return out, lse

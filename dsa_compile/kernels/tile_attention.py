@@ -25,6 +25,8 @@ recompute-based one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -44,6 +46,12 @@ def block_q_for(r: int) -> int:
     [2, 32] (membership words are 32 bits)."""
     return max(2, min(32, 64 // max(r, 1)))
 
+
+LARGE_UNION = 0.6
+"""A tile whose union holds more than this share of its queries' slots (BQ * top_k)
+runs per query when a per-query kernel is given (``large_unions``). Measured on an H100
+(benchmarks/RESULTS.md; R = 4, BQ = 16): random selections at 32K (union 7.0 x top_k)
+ran 1.45x faster by tiles, at 128K (11.4 x top_k) 1.20x slower."""
 
 TILE_MIN_QUERIES = 64
 """Calls with fewer queries (decode, short chunks) keep the per-query kernel."""
@@ -169,7 +177,7 @@ def tile_attention_fwd_kernel(
     stride_cb, stride_cg,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh, stride_lt,
-    HKV, LQ, scale, softcap,
+    HKV, LQ, scale, softcap, union_limit,
     R: tl.constexpr, BQ: tl.constexpr, BLOCK_M: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PER_HEAD_INDICES: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
@@ -195,6 +203,9 @@ def tile_attention_fwd_kernel(
     ig = g if PER_HEAD_INDICES else 0
     u_base = b * stride_ub + ig * stride_ug + tile * stride_ut
     n = tl.load(UCOUNT + b * stride_cb + ig * stride_cg + tile)
+    ours = n <= union_limit  # else the per-query kernel serves this tile
+    n = tl.where(ours, n, 0)
+    row_ok = row_ok & (tl.zeros([BLOCK_M], tl.int32) + ours.to(tl.int32) != 0)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
@@ -240,6 +251,7 @@ def tile_sparse_attention(
     scale: float,
     softcap: float = 0.0,
     block_q: int | None = None,
+    large_unions: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`dsa_compile.kernels.sparse_attention` (no slot bias) by query tiles.
 
@@ -248,6 +260,10 @@ def tile_sparse_attention(
             contiguous. indices: int32/int64 [B, G, Lq, top_k], G = 1 or Hkv, last
             dimension contiguous, -1 slots ignored, valid entries distinct per row.
         block_q: queries per tile (default :func:`block_q_for`), at most 32.
+        large_unions: the per-query kernel's launcher ``(q, k, v, indices, scale,
+            softcap, None, out, lse, count, block_q, limit)``, run for the tiles whose
+            union exceeds :data:`LARGE_UNION` of their slots (decided on the device);
+            None: every tile by tiles.
 
     Returns:
         (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32), as the per-query
@@ -265,11 +281,13 @@ def tile_sparse_attention(
     if out.numel() == 0:
         return out, lse
     cap = max(1, min(bq * top_k, lk))
+    limit = int(LARGE_UNION * bq * top_k) if large_unions is not None else cap
     tiles_per_chunk = max(1, UNION_BYTES // (8 * b * g * cap))
     rows_per_chunk = tiles_per_chunk * bq
     for s in range(0, lq, rows_per_chunk):
         rows = slice(s, min(lq, s + rows_per_chunk))
-        keys, bits, count = tile_unions(indices[:, :, rows], lk, bq)
+        ic = indices[:, :, rows]
+        keys, bits, count = tile_unions(ic, lk, bq)
         qc, oc, lc = q[:, :, rows], out[:, :, rows], lse[:, :, rows]
         grid = (keys.shape[2], b * hkv)
         tile_attention_fwd_kernel[grid](
@@ -281,7 +299,7 @@ def tile_sparse_attention(
             count.stride(0), count.stride(1),
             oc.stride(0), oc.stride(1), oc.stride(2),
             lc.stride(0), lc.stride(1), lc.stride(2),
-            hkv, qc.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0,
+            hkv, qc.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, limit,
             R=r, BQ=bq, BLOCK_M=max(16, triton.next_power_of_2(bq * r)),
             D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
             BLOCK_DV=max(16, triton.next_power_of_2(dv)),
@@ -289,4 +307,6 @@ def tile_sparse_attention(
             IEEE=q.dtype == torch.float32,
             UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         )
+        if large_unions is not None:
+            large_unions(qc, k, v, ic, scale, softcap, None, oc, lc, count, bq, limit)
     return out, lse
