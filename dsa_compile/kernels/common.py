@@ -34,3 +34,36 @@ def dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, and available in the interpreter.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i, acc):
+    """One key block of the online softmax. s: [M, N] logits in log2 units, -inf where
+    masked; m_i / l_i: [M] running max / sum; acc: [M, Dv]. Returns (p [M, N] to
+    multiply by the block's V and add to the returned acc, m_i, l_i, acc rescaled)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen only masked keys keeps m = -inf; subtract 0 there, not -inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def online_softmax_finish(acc, m_i, l_i):
+    """(out [M, Dv], lse [M] natural log) of an online softmax; a row that saw no key
+    gets zeros and lse = -inf."""
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("-inf"))
+    return out, lse

@@ -42,11 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.common import INTERPRET, dot
-from dsa_compile.kernels.sparse_attention import _tanh
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from dsa_compile.kernels.common import (
+    INTERPRET,
+    LOG2E,
+    dot,
+    online_softmax_finish,
+    online_softmax_step,
+    tanh,
+)
 
 # False (reference.select_topk since f4b666e): a NaN score of a visible key ranks as
 # the lowest finite score (-FLT_MAX) and is written like any other key. True: NaN ranks
@@ -588,21 +591,13 @@ def decode_attention_kernel(
                          mask=valid[None, :] & (offs_d[:, None] < D), other=0.0)  # [BD, BN]
             s = dot(q, kt, IEEE, UPCAST) * scale
             if SOFTCAP:
-                s = softcap * _tanh(s / softcap)
+                s = softcap * tanh(s / softcap)
             s = tl.where(valid[None, :], s * LOG2E, float("-inf"))  # [BR, BN], log2 units
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
             vt = tl.load(v_base + idx[:, None] * stride_vt + offs_dv[None, :],
                          mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BN, BDV]
-            acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, IEEE, UPCAST)
-            m_i = m_new
-        has_key = l_i > 0
-        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-        lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * LN2,
-                       float("-inf"))
+            acc += dot(p.to(vt.dtype), vt, IEEE, UPCAST)
+        out, lse = online_softmax_finish(acc, m_i, l_i)
         prow = ((b * HKV * R + heads) * LQ + t) * splits + split  # [BR]
         tl.store(OP + prow[:, None] * DV + offs_dv[None, :], out,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV))

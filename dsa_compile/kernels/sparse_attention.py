@@ -19,10 +19,15 @@ import triton
 import triton.language as tl
 
 from dsa_compile.kernels import tile_attention
-from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from dsa_compile.kernels.common import (
+    INTERPRET,
+    LOG2E,
+    dot,
+    kernel_configs,
+    online_softmax_finish,
+    online_softmax_step,
+    tanh,
+)
 
 
 def _configs():
@@ -46,12 +51,6 @@ def _prune(configs, named_args, **kwargs):
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Output allocation; tests replace it to poison outputs before the kernel writes."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, and available in the interpreter.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.autotune(
@@ -123,26 +122,18 @@ def sparse_attention_fwd_kernel(
         )  # [BD, BN]
         s = dot(q, kt, IEEE, UPCAST) * scale
         if SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = softcap * tanh(s / softcap)
         if HAS_BIAS:  # the additive mask of each selected key, gathered per slot
             s += tl.load(bias_base + offs_n, mask=offs_n < TOPK, other=0.0)[None, :]
         s = tl.where(valid[None, :], s * LOG2E, float("-inf"))  # [BR, BN], log2 units
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only -1 slots keeps m = -inf; subtract 0 there, not -inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         vt = tl.load(
             v_base + idx[:, None] * stride_vt + offs_dv[None, :],
             mask=valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
         )  # [BN, BDV]
-        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, IEEE, UPCAST)
-        m_i = m_new
+        acc += dot(p.to(vt.dtype), vt, IEEE, UPCAST)
 
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("-inf"))
+    out, lse = online_softmax_finish(acc, m_i, l_i)
     o_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + t * stride_ot + offs_dv[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + b * stride_lb + heads * stride_lh + t * stride_lt, lse, mask=row_ok)

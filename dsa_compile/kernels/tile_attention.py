@@ -31,10 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from dsa_compile.kernels.common import (
+    INTERPRET,
+    LOG2E,
+    dot,
+    kernel_configs,
+    online_softmax_finish,
+    online_softmax_step,
+    tanh,
+)
 
 UNION_BYTES = 1 << 30
 """Memory for one chunk of tiles' unions (int32 keys + int32 membership words): tiles
@@ -161,11 +166,6 @@ def _configs():
          for s in (1, 2, 3)])
 
 
-@triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
 @triton.autotune(configs=_configs(), key=["R", "BQ", "D", "DV", "SOFTCAP"])
 @triton.jit
 def tile_attention_fwd_kernel(
@@ -221,22 +221,15 @@ def tile_attention_fwd_kernel(
                      mask=ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BD, BN]
         s = dot(q, kt, IEEE, UPCAST) * scale
         if SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = softcap * tanh(s / softcap)
         member = ((bits[None, :] >> qj[:, None].to(tl.int32)) & 1) != 0  # [BM, BN]
         s = tl.where(member & row_ok[:, None], s * LOG2E, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         vt = tl.load(v_base + idx[:, None] * stride_vt + offs_dv[None, :],
                      mask=ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BN, BDV]
-        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, IEEE, UPCAST)
-        m_i = m_new
+        acc += dot(p.to(vt.dtype), vt, IEEE, UPCAST)
 
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("-inf"))
+    out, lse = online_softmax_finish(acc, m_i, l_i)
     o_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + t[:, None] * stride_ot
     tl.store(o_ptrs + offs_dv[None, :], out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
