@@ -41,6 +41,7 @@ from dsa_compile.files import destination, write_atomic
 from dsa_compile.indexer import REGISTRY, GroupedIndexer, Indexer, non_finite_parameters
 from dsa_compile.metrics import peak_recall
 from dsa_compile.reference.dense import grouped_probs
+from dsa_compile.reference.indexer import relu_scores
 
 FORMAT = "dsa_compile.indexers"
 VERSION = "1"
@@ -155,8 +156,7 @@ def indexer_kl(indexer: Indexer, q: Tensor, k: Tensor, scale: float, causal: boo
         target = attention_target(grouped_probs(q_rows, k, scale, visible if causal else None),
                                   head_max)
     q_idx, k_idx, w = indexer(q_rows, k)
-    dots = torch.einsum("bqhd,bkd->bqhk", q_idx.float(), k_idx.float())
-    scores = torch.einsum("bqhk,bqh->bqk", torch.relu(dots), w.float())
+    scores = relu_scores(q_idx, k_idx, w)
     if causal:
         scores = scores.masked_fill(~visible[None], float("-inf"))
     log_q = torch.log_softmax(scores, dim=-1)

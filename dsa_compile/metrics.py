@@ -158,10 +158,9 @@ def selection_recall(model: nn.Module, batches: Iterable, config: DSAConfig | No
 
 def _causal_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, top_k: int, positions: Tensor) -> Tensor:
     """indexer_topk for queries at arbitrary absolute ``positions`` [R] (causal)."""
-    from dsa_compile.reference.indexer import select_topk
+    from dsa_compile.reference.indexer import relu_scores, select_topk
 
-    dots = torch.einsum("bqhd,bkd->bqhk", q_idx.float(), k_idx.float())
-    scores = torch.einsum("bqhk,bqh->bqk", torch.relu(dots), w.float())
+    scores = relu_scores(q_idx, k_idx, w)
     visible = torch.arange(k_idx.shape[1], device=q_idx.device)[None, :] <= positions[:, None]
     return select_topk(scores.masked_fill(~visible[None], float("-inf")), top_k)
 

@@ -15,7 +15,7 @@ from dsa_compile.ops.checks import (
     check_tensor,
 )
 from dsa_compile.ops.dispatch import use_triton
-from dsa_compile.reference.sparse_attention import _query_chunk
+from dsa_compile.reference.sparse_attention import query_chunk
 
 
 @torch.library.custom_op("dsa::sparse_attention", mutates_args=())
@@ -92,7 +92,7 @@ def _backward(ctx, grad_out, grad_lse):
     """Recompute-based backward, chunked over queries so memory stays O(chunk * top_k)."""
     q, k, v, indices, bias = ctx.saved_tensors
     lq = q.shape[2]
-    chunk = _query_chunk(q.shape[0], k.shape[1], indices.shape[-1], max(q.shape[-1], v.shape[-1]))
+    chunk = query_chunk(q.shape[0], k.shape[1], indices.shape[-1], max(q.shape[-1], v.shape[-1]))
     dq = torch.zeros_like(q, dtype=torch.float32)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)

@@ -28,6 +28,21 @@ def visible_mask(
     return torch.arange(lk, device=device)[None, :] <= pos[:, None]
 
 
+def relu_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The lightning indexer's formula, unmasked: I[b, t, s] = sum_j w[b, t, j] *
+    ReLU(q_idx[b, t, j] . k_idx[b, s]) as float32 [B, Lq, Lk] (differentiable).
+
+    q_idx: [B, Lq, H_I, d_I]; k_idx: [B, Lk, d_I]; w: [B, Lq, H_I].
+    """
+    b, c, h, d = q_idx.shape
+    lk = k_idx.shape[1]
+    # Plain matmuls on contiguous views: [B, C*H, d] @ [B, d, Lk] -> [B, C, H, Lk], then
+    # the head weights contract H as [B*C, 1, H] @ [B*C, H, Lk].
+    dots = torch.matmul(q_idx.float().reshape(b, c * h, d), k_idx.float().transpose(1, 2))
+    dots = (torch.relu(dots) if dots.requires_grad else torch.relu_(dots)).view(b * c, h, lk)
+    return torch.matmul(w.float().reshape(b * c, 1, h), dots).view(b, c, lk)
+
+
 def _chunk_scores(q_idx, k_idx, w, start, q_offset, causal, key_mask,
                   mask=None) -> torch.Tensor:
     """Index scores for one chunk of queries: [B, C, Lk'] float32, -inf where masked.
@@ -35,15 +50,11 @@ def _chunk_scores(q_idx, k_idx, w, start, q_offset, causal, key_mask,
     With ``causal`` only the keys some query of the chunk can see are scored
     (Lk' = min(Lk, q_offset + start + C)); later keys would be -inf anyway.
     """
-    b, c, h, d = q_idx.shape
+    c = q_idx.shape[1]
     lk = k_idx.shape[1]
     if causal:
         lk = max(0, min(lk, q_offset + start + c))
-    # Plain matmuls on contiguous views: [B, C*H, d] @ [B, d, Lk'] -> [B, C, H, Lk'], then
-    # the head weights contract H as [B*C, 1, H] @ [B*C, H, Lk'].
-    dots = torch.matmul(q_idx.float().reshape(b, c * h, d), k_idx[:, :lk].float().transpose(1, 2))
-    dots = torch.relu_(dots).view(b * c, h, lk)
-    scores = torch.matmul(w.float().reshape(b * c, 1, h), dots).view(b, c, lk)
+    scores = relu_scores(q_idx, k_idx[:, :lk], w)
     vis = visible_mask(c, lk, q_offset, causal, q_idx.device, start)
     if vis is not None:
         scores = scores.masked_fill_(~vis[None], float("-inf"))

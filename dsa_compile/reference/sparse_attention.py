@@ -153,7 +153,7 @@ def _use_fused(q, k, v, indices, softcap) -> bool:
             and not any(is_fake(t) for t in (q, k, v, indices)))
 
 
-def _query_chunk(b: int, hkv: int, k: int, d: int) -> int:
+def query_chunk(b: int, hkv: int, k: int, d: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, b * hkv * k * d))
 
 
@@ -198,7 +198,7 @@ def sparse_attention(
     if fused or gemm:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, b * hq * max(reach, 1)))
     else:
-        chunk = _query_chunk(b, hkv, topk, max(d, v.shape[-1]))
+        chunk = query_chunk(b, hkv, topk, max(d, v.shape[-1]))
     # Outputs are allocated once and filled per chunk: small long-lived allocations between
     # the per-chunk buffers would fragment the heap and grow RSS chunk after chunk.
     out = q.new_empty((b, hkv, r, lq, v.shape[-1]), dtype=torch.float32)
