@@ -27,14 +27,10 @@ import torch
 B, HQ, HKV, D, TOP_K = 1, 32, 8, 128, 2048
 
 
-def rel(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def check_length(length: int, failures: list) -> None:
     from dsa_compile import kernels, reference
     from dsa_compile.indexer import default_index_shape
+    from dsa_compile.metrics import rel_err as rel
 
     dev = torch.device("cuda")
     h_i, d_i = default_index_shape(HQ, HKV, D)
@@ -155,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="4096,8192,16384,32768")
     parser.add_argument("--pytest", action="store_true", help="also run tests/test_kernels.py")
     parser.add_argument("--probe", action="store_true", help="also time torch.topk alone")
+    parser.add_argument("--probe-lengths", default="32768",
+                        help="lengths of the score/selection split probe (with --probe)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check.py needs a CUDA GPU", file=sys.stderr)
@@ -166,7 +164,8 @@ def main(argv=None) -> int:
         check_length(length, failures)
     if args.probe:
         probe_topk()
-        probe_indexer_parts(32768)
+        for length in (int(x) for x in args.probe_lengths.split(",")):
+            probe_indexer_parts(length)
     from dsa_compile.kernels.indexer_topk import indexer_scores_kernel
     from dsa_compile.kernels.select_topk import select_topk_kernel
     from dsa_compile.kernels.sparse_attention import sparse_attention_fwd_kernel

@@ -183,6 +183,117 @@ def test_indexer_topk_chunks_and_strided_inputs(monkeypatch):
     assert torch.equal(got, ref)
 
 
+stream_module = importlib.import_module("dsa_compile.kernels.stream_topk")
+
+# (B, Lq, Lk, H_I, d_I, top_k, q_offset, causal, inputs): the streamed selection with a
+# tiny sample geometry (pieces of 4 keys every 20 for top_k 37), so rows of > 80 keys stream.
+STREAM_CASES = {
+    "decode-rows": (1, 40, 300, 2, 32, 37, 260, True, "randn"),
+    "batch-key-mask-d64": (2, 30, 300, 3, 64, 37, 270, True, "key-mask"),
+    "integer-ties": (1, 20, 300, 2, 16, 37, 280, True, "integers"),
+    "nan-weight-and-key": (1, 20, 300, 2, 16, 37, 280, True, "nan"),
+    "non-causal-d128": (1, 9, 300, 2, 128, 37, 0, False, "randn"),
+    "prefill-from-0": (1, 150, 150, 2, 32, 37, 0, True, "randn"),
+    "topk-odd-fp8": (1, 20, 300, 2, 32, 45, 280, True, "fp8"),
+}
+
+
+def _stream_inputs(b, lq, lk, h, d, kind):
+    g = torch.Generator().manual_seed(3)
+    if kind == "integers":  # many exactly equal scores: ties cut at the k-th place
+        q_idx = torch.randint(-1, 2, (b, lq, h, d), generator=g).float()
+        k_idx = torch.randint(-1, 2, (b, lk // 4, d), generator=g).float().repeat(1, 4, 1)
+        w = torch.ones(b, lq, h)
+    else:
+        q_idx = torch.randn(b, lq, h, d, generator=g)
+        k_idx = torch.randn(b, lk, d, generator=g)
+        w = torch.rand(b, lq, h, generator=g) + 0.1
+    if kind == "nan":
+        w[0, 2, 1] = float("nan")
+        k_idx[0, 5, 3] = float("nan")
+    key_mask = torch.rand(b, lk, generator=g) > 0.3 if kind == "key-mask" else None
+    if key_mask is not None:
+        key_mask = key_mask.to(DEVICE)
+    return q_idx.to(DEVICE), k_idx.to(DEVICE), w.to(DEVICE), key_mask
+
+
+def _watch_stream(monkeypatch):
+    """Patch in the tiny sample geometry; returns the list of per-chunk fallback flags."""
+    monkeypatch.setattr(select_module, "SAMPLE", 4)
+    monkeypatch.setattr(select_module, "SAMPLE_RANK", 8)
+    flags = []
+    chunk = indexer_module.stream_topk_chunk
+
+    def watched(*args, **kwargs):
+        flags.append(chunk(*args, **kwargs).clone())
+        return flags[-1]
+
+    monkeypatch.setattr(indexer_module, "stream_topk_chunk", watched)
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -5
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(stream_module, "_buffer", poisoned)
+    return flags
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES), ids=list(STREAM_CASES))
+def test_indexer_topk_streamed_matches_reference(monkeypatch, case):
+    b, lq, lk, h, d, top_k, q_offset, causal, kind = STREAM_CASES[case]
+    flags = _watch_stream(monkeypatch)
+    q_idx, k_idx, w, key_mask = _stream_inputs(b, lq, lk, h, d, kind)
+    fp8 = kind == "fp8"
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask, fp8=fp8)
+    if fp8:  # exact for the dequantised inputs
+        q8, q_scale = indexer_module.quantize_fp8(q_idx)
+        k8, k_scale = indexer_module.quantize_fp8(k_idx)
+        q_idx, k_idx = q8.float() * q_scale[..., None], k8.float() * k_scale[..., None]
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    assert torch.equal(got, ref)
+    fell = torch.cat(flags)
+    assert fell.numel() > 0 and ((fell == 0) | (fell == 1)).all()  # every row decided
+    if kind == "integers":
+        assert fell.any()  # cut ties cannot be ordered in the scratch: exact fallback
+    else:
+        assert (fell == 0).any()  # the candidate path itself served rows
+
+
+@pytest.mark.parametrize("force", ["bound-too-low", "bound-too-high"])
+def test_indexer_topk_streamed_fallback_is_exact(monkeypatch, force):
+    """Every row's candidates overflow the scratch (CAP = top_k) or miss keys (a sample
+    rank far too high... made by a bound above every score): all rows fall back."""
+    flags = _watch_stream(monkeypatch)
+    if force == "bound-too-low":
+        monkeypatch.setattr(stream_module, "cap_for", lambda top_k: top_k)
+    else:
+        monkeypatch.setattr(stream_module, "sample_geometry",
+                            lambda top_k: (20, 4, 1))  # rank ~1-3 of the sample: too high
+    b, lq, lk, h, d, top_k, q_offset, causal, kind = STREAM_CASES["batch-key-mask-d64"]
+    q_idx, k_idx, w, key_mask = _stream_inputs(b, lq, lk, h, d, kind)
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    ref = reference.indexer_topk(q_idx, k_idx, w, top_k, q_offset, causal, key_mask)
+    assert torch.equal(got, ref)
+    assert torch.cat(flags).float().mean() > 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_indexer_topk_streamed_real_geometry(monkeypatch, dtype):
+    """top_k 2048 with the product's sample geometry: rows past 20480 keys stream."""
+    b, lq, lk, h, d, top_k = 1, 700, 24577, 8, 128, 2048
+    q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, h, d, dtype)
+    got = kernels.indexer_topk(q_idx, k_idx, w, top_k, lk - lq, True, None)
+    monkeypatch.setattr(indexer_module, "STREAM", False)
+    stored = kernels.indexer_topk(q_idx, k_idx, w, top_k, lk - lq, True, None)
+    ref = reference.indexer_topk(q_idx.float(), k_idx.float(), w.float(), top_k, lk - lq,
+                                 True, None)
+    assert torch.equal(got >= 0, ref >= 0)
+    # Rounding-level near-ties only (bf16 tensor-core products vs the fp32 reference).
+    assert (got != ref).float().mean() < (1e-3 if dtype == torch.float32 else 3e-2)
+    assert (got != stored).float().mean() < 1e-3
+
+
 def _select_case(name):
     """[B, rows, width] float32 scores for the selection kernel, with -inf hidden keys."""
     g = torch.Generator().manual_seed(7)
