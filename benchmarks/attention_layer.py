@@ -49,6 +49,7 @@ import math
 import os
 import sys
 
+import harness
 import torch
 import torch.nn.functional as F
 
@@ -131,12 +132,6 @@ def check_indexer_rows(sel, q_idx, k_idx, w, rows, top_k) -> float:
         worst = max(worst, float(gap), float((ref_scores.sum() - got_scores.sum()).abs()
                                               / (ref_scores.abs().sum() + 1e-30)))
     return worst
-
-
-def bench(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def peak_gb(fn) -> float:
@@ -303,12 +298,7 @@ def sparse_variants(q, k, v, sel, scale, methods, block_qs):
 
 def measured_rates(device) -> dict:
     """The card's bf16 matmul rate (8192^3) and copy bandwidth (2 GiB), this run."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = bench(lambda: a @ a)
-    x = torch.empty(2**30, device=device, dtype=torch.int16)
-    y = torch.empty_like(x)
-    ms_copy = bench(lambda: y.copy_(x))
-    return {"tflops": 2 * 8192**3 / ms / 1e9, "tbps": 2 * 2 * x.numel() / ms_copy / 1e9}
+    return {"tflops": harness.matmul_rate(device), "tbps": harness.copy_bandwidth(device) / 1e12}
 
 
 def real_selection(length: int, device) -> torch.Tensor:
@@ -374,7 +364,7 @@ class Recorder:
                  "ok": ok}
         if ok:  # speed is reported only for a method whose check passed in this run
             entry["peak_gb"] = peak_gb(fn)
-            entry["ms"] = bench(fn)
+            entry["ms"] = harness.bench(fn)
             entry["tflops"] = flops / entry["ms"] / 1e9
             if method == "sdpa":
                 self.sdpa_ms[length] = entry["ms"]

@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 
+import harness
 import torch
 import torch.nn.functional as F
 
@@ -47,21 +48,7 @@ ROTATE_BYTES = 256 << 20  # input sets rotate until they span this many bytes
 
 def copy_bandwidth() -> float:
     """Bytes per second of a 2 GiB device-to-device copy (read + write counted)."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.int16, device="cuda").random_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * a.numel() * 2 / statistics.median(times)
+    return harness.copy_bandwidth("cuda")
 
 
 def graph_ms(fns, budget_s=0.25) -> float:

@@ -38,6 +38,7 @@ import os
 import sys
 import time
 
+import harness
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -176,15 +177,7 @@ def decode_rate(model, compile_kw, length, batch, steps, prefill=False, attn="sd
 
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a large device copy (the step floors' rate)."""
-    a = torch.empty(1 << (30 if DEV == "cuda" else 27), dtype=torch.int16, device=DEV)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    _sync()
-    return 10 * 2 * a.numel() * 2 / (time.perf_counter() - t0)
+    return harness.copy_bandwidth(DEV)
 
 
 def main() -> None:

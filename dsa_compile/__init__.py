@@ -26,6 +26,7 @@ import importlib
 from dsa_compile import ops  # noqa: F401  (registers torch.ops.dsa.*)
 from dsa_compile.config import DSAConfig
 from dsa_compile.ops.dispatch import fp8_indexer
+from dsa_compile.version import __version__
 
 # Heavier parts load on first use, so `import dsa_compile` stays cheap.
 _LAZY = {
@@ -41,8 +42,7 @@ _LAZY = {
     "last_report": "dsa_compile.backends.dynamo",
 }
 
-__all__ = ["DSAConfig", "fp8_indexer", "ops", *_LAZY]
-__version__ = "0.1.0"
+__all__ = ["DSAConfig", "__version__", "fp8_indexer", "ops", *_LAZY]
 
 
 def __getattr__(name: str):

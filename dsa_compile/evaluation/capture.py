@@ -16,7 +16,7 @@ from dsa_compile.evaluation.harness import (
     grouped_indexer_for,
     model_anchors,
 )
-from dsa_compile.indexer import REGISTRY, GroupedIndexer, Indexer
+from dsa_compile.indexer import REGISTRY, GroupedIndexer, Indexer, ensure_fitted
 
 
 @dataclasses.dataclass
@@ -76,8 +76,7 @@ def capture_sites(model: nn.Module, batches: Iterable, config: DSAConfig,
             indexer = grouped_indexer_for(model, call) if per_group else REGISTRY.get_or_create(
                 call.name, fqns, anchors, call.q.shape[1], call.k.shape[1], call.q.shape[-1],
                 config, device=call.q.device)
-            if not indexer.fitted:
-                indexer.fit(call.q, call.k)
+            ensure_fitted(indexer, call.q, call.k, min_tokens=1)
             site = sites[call.name] = CapturedSite(call.name, call.module, indexer, call.scale,
                                             call.causal, [])
         site.acts.append((call.q.detach().to("cpu", copy=True),

@@ -24,7 +24,7 @@ import onnxscript.optimizer
 import torch
 from onnxscript.values import Opset
 
-import dsa_compile
+from dsa_compile.api import apply
 from dsa_compile.config import DSAConfig
 from dsa_compile.files import destination, write_atomic
 from dsa_compile.onnx import functions
@@ -40,6 +40,7 @@ from dsa_compile.onnx.markers import (  # noqa: F401
     functions_digest,
 )
 from dsa_compile.onnx.schemas import register_schemas
+from dsa_compile.version import __version__
 
 _DSA = Opset(functions.DOMAIN, functions.VERSION)
 
@@ -286,7 +287,7 @@ class SDPAOverrideDSA(torch.nn.Module):
 def _apply_rewrite(model, example_args, config) -> tuple[torch.nn.Module | None, str]:
     """``dsa_compile.apply``'s rewrite when it converts at least one site."""
     try:
-        rewritten = dsa_compile.apply(model, tuple(example_args), config)
+        rewritten = apply(model, tuple(example_args), config)
     except Exception as err:  # any capture failure: fall back, but say why
         return None, f"dsa_compile.apply failed: {type(err).__name__}: {err}"
     report = getattr(rewritten, "dsa_report", None)
@@ -352,8 +353,8 @@ def finish_model(model: onnx.ModelProto, config: DSAConfig | None,
         model.opset_import.append(onnx.helper.make_opsetid(functions.DOMAIN, functions.VERSION))
     model.ir_version = IR_VERSION
     model.producer_name = PRODUCER
-    model.producer_version = dsa_compile.__version__
-    meta = {META_VERSION: dsa_compile.__version__, META_REWRITE: rewrite,
+    model.producer_version = __version__
+    meta = {META_VERSION: __version__, META_REWRITE: rewrite,
             META_CONFIG: json.dumps(dataclasses.asdict(config) if config else None),
             META_FUNCTIONS: functions_digest(model)}
     for prop in list(model.metadata_props):

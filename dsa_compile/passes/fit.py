@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from dsa_compile.indexer import FIT_MIN_TOKENS, Indexer
+from dsa_compile.indexer import FIT_MIN_TOKENS, Indexer, ensure_fitted
 from dsa_compile.ops.spec import set_args
 from dsa_compile.passes.normalize import mutates, op_of
 
@@ -73,8 +73,7 @@ def fit_new_indexers(gm: fx.GraphModule, run: Callable[[Callable], Any],
 
     def fit_hook(indexer: Indexer, args):
         q, k = args
-        if not indexer.fitted and k.shape[0] * k.shape[2] >= FIT_MIN_TOKENS:
-            indexer.fit(q, k)
+        ensure_fitted(indexer, q, k, real=True)  # this run is eager, inside the compiler
 
     handles = [m.register_forward_pre_hook(fit_hook) for m in todo]
     try:
