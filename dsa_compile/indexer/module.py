@@ -19,6 +19,12 @@ def default_index_shape(num_q_heads: int, num_kv_heads: int, head_dim: int) -> t
 
 
 
+def _check_heads(num_q_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of "
+                         f"num_kv_heads ({num_kv_heads})")
+
+
 class Indexer(nn.Module):
     """Lightning indexer fed from one site's queries and keys (see the module doc).
 
@@ -35,9 +41,7 @@ class Indexer(nn.Module):
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  index_heads: int | None = None, index_dim: int | None = None):
         super().__init__()
-        if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
-            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of "
-                             f"num_kv_heads ({num_kv_heads})")
+        _check_heads(num_q_heads, num_kv_heads)
         heads, dim = default_index_shape(num_q_heads, num_kv_heads, head_dim)
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.index_heads = index_heads or heads
@@ -168,9 +172,7 @@ class GroupedIndexer(nn.Module):
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  index_heads: int | None = None, index_dim: int | None = None):
         super().__init__()
-        if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
-            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of "
-                             f"num_kv_heads ({num_kv_heads})")
+        _check_heads(num_q_heads, num_kv_heads)
         heads, dim = grouped_index_shape(num_q_heads, num_kv_heads, head_dim)
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.group_size = num_q_heads // num_kv_heads

@@ -31,23 +31,14 @@ import triton
 import triton.language as tl
 
 from dsa_compile.kernels import select_topk
-from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
-from dsa_compile.kernels.select_topk import _emit, _load_keys, _radix_select
+from dsa_compile.kernels.common import INTERPRET, dot
+from dsa_compile.kernels.select_topk import _configs, _emit, _load_keys, _radix_select
 
 INT32_MAX = tl.constexpr(2147483647)
 # Fallback programs per batch row (each owns one float32 score row of the chunk's width).
 FALLBACK_PROGRAMS = 4 if INTERPRET else 256
 # Fallback score blocks: keys per block.
 FALLBACK_BLOCK_N = 32 if INTERPRET else 128
-
-
-def _configs():
-    return kernel_configs(
-        triton.Config({"BLOCK": 64}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=2),
-        [triton.Config({"BLOCK": blk}, num_warps=w, num_stages=2)
-         for blk in (512, 1024, 2048)
-         for w in (4, 8)])
 
 
 @triton.jit
