@@ -63,6 +63,7 @@ def main(argv=None) -> int:
         return 2
     dev = torch.device("cuda")
     it = importlib.import_module("dsa_compile.kernels.indexer_topk")
+    stream_module = importlib.import_module("dsa_compile.kernels.stream_topk")
     rate = harness.matmul_rate(dev)
     print(f"# card: {harness.card()}  "
           f"bf16 matmul {rate:.0f} TFLOP/s  top_k {TOP_K}", flush=True)
@@ -98,23 +99,29 @@ def main(argv=None) -> int:
                 it.STREAM = False
                 ref = run()
                 ms_ref = harness.bench(run)
-                it.STREAM = True
-                it.stream_topk_chunk = watched
-                fails.clear()
-                got = run()
-                it.stream_topk_chunk = stream_chunk
-                fell = float(torch.cat(fails).float().mean()) if fails else float("nan")
-                ms_st = harness.bench(run)
-                same = float((got == ref).float().mean())
                 tag = f"{h_i}x{d_i}"
                 print(f"{length:>7} {tag:>8} {kind:>8} {'scores only':<14} {ms_s / part:>9.3f} "
                       f"{flops / (ms_s / part) / 1e9:>8.0f} {floor:>9.3f} {'':>9}  "
                       f"(score kernel, WRITE mode, last {rows} rows timed, scaled)", flush=True)
                 print(f"{length:>7} {tag:>8} {kind:>8} {'stored':<14} {ms_ref:>9.3f} "
                       f"{flops / ms_ref / 1e9:>8.0f} {floor:>9.3f} {1.0:>8.2f}x", flush=True)
-                print(f"{length:>7} {tag:>8} {kind:>8} {'streamed':<14} {ms_st:>9.3f} "
-                      f"{flops / ms_st / 1e9:>8.0f} {floor:>9.3f} {ms_ref / ms_st:>8.2f}x  "
-                      f"fallback rows {fell:.4f}, same keys as stored {same:.5f}", flush=True)
+                it.STREAM = True
+                default_w = stream_module.SAMPLE
+                for piece in (default_w, 256):
+                    stream_module.SAMPLE = piece
+                    it.stream_topk_chunk = watched
+                    fails.clear()
+                    got = run()
+                    it.stream_topk_chunk = stream_chunk
+                    fell = float(torch.cat(fails).float().mean()) if fails else float("nan")
+                    ms_st = harness.bench(run)
+                    same = float((got == ref).float().mean())
+                    name = f"streamed w{piece}"
+                    print(f"{length:>7} {tag:>8} {kind:>8} {name:<14} {ms_st:>9.3f} "
+                          f"{flops / ms_st / 1e9:>8.0f} {floor:>9.3f} {ms_ref / ms_st:>8.2f}x  "
+                          f"fallback rows {fell:.4f}, same keys as stored {same:.5f}"
+                          f"{' (the default pieces)' if piece == default_w else ''}", flush=True)
+                stream_module.SAMPLE = default_w
                 del q, k, w, ref, got
                 torch.cuda.empty_cache()
     from dsa_compile.kernels.indexer_topk import indexer_scores_kernel

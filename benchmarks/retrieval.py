@@ -101,7 +101,9 @@ def prepare(model, tok, variant: str, args, config: DSAConfig, ranges) -> str:
     GROUPED_REGISTRY.remove(model)
     device = next(model.parameters()).device
     base = variant.removesuffix("-group")
-    path = os.path.join(args.cache, f"{variant}-k{args.top_k}-c{args.context}.safetensors")
+    shape = f"-{config.index_heads}x{config.index_dim}" if config.index_heads else ""
+    path = os.path.join(args.cache,
+                        f"{variant}{shape}-k{args.top_k}-c{args.context}.safetensors")
     if base == "dsa-free" or not args.fresh and os.path.exists(path):
         fit = ranges["fit"][None].to(device)
         capture_sites(model, [fit], config, caller="retrieval", per_group=group)  # fits
@@ -148,10 +150,16 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default="/tmp/dsa_retrieval/results.json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--index-shape", default=None, metavar="HxD",
+                        help="the shared indexer's H_I x d_I (default: 3 x 48, a quarter of "
+                             "QK^T's cost); results are keyed VARIANT@HxD")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = DSAConfig(top_k=args.top_k, dense_below=0)
+    shape = tuple(int(x) for x in args.index_shape.split("x")) if args.index_shape else None
+    config = DSAConfig(top_k=args.top_k, dense_below=0, index_heads=shape and shape[0],
+                       index_dim=shape and shape[1])
+    suffix = f"@{args.index_shape}" if shape else ""
 
     model, tok = load_causal_lm()
     model.to(args.device)
@@ -172,7 +180,9 @@ def main(argv=None) -> None:
     with reference_ops(args.device):
         for variant in args.variants:
             mode, group = mode_of(variant)
-            cell = results.setdefault(variant, {})
+            if suffix and group:
+                raise SystemExit("--index-shape sets the shared indexer; drop the -group variants")
+            cell = results.setdefault(variant + (suffix if mode == "dsa" else ""), {})
             needed = [f"ppl{n}" for n in args.ppl_lengths if f"ppl{n}" not in cell] + \
                 [f"pk{n}x{args.needles}" for n in args.lengths
                  if f"pk{n}x{args.needles}" not in cell]

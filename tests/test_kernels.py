@@ -219,8 +219,8 @@ def _stream_inputs(b, lq, lk, h, d, kind):
 
 def _watch_stream(monkeypatch):
     """Patch in the tiny sample geometry; returns the list of per-chunk fallback flags."""
-    monkeypatch.setattr(select_module, "SAMPLE", 4)
-    monkeypatch.setattr(select_module, "SAMPLE_RANK", 8)
+    monkeypatch.setattr(stream_module, "SAMPLE", 4)
+    monkeypatch.setattr(stream_module, "SAMPLE_RANK", 8)
     flags = []
     chunk = indexer_module.stream_topk_chunk
 

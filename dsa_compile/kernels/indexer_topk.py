@@ -299,13 +299,14 @@ def indexer_topk(
         k_idx, k_scale = quantize_fp8(k_idx)
         w = w.float() * q_scale
     geometry = stream_topk.sample_geometry(top_k) if STREAM and mask is None else None
-    # Rows from `first_stream` on see more than 4 sample strides of keys: streamed.
+    # Rows from `first_stream` on see enough keys to be streamed.
     first_stream = lq
     if geometry is not None:
+        wide = stream_topk.first_streamed_width(top_k, geometry[0])
         if not causal:
-            first_stream = 0 if lk > 4 * geometry[0] else lq
+            first_stream = 0 if lk > wide else lq
         else:
-            first_stream = min(lq, max(0, 4 * geometry[0] - q_offset))
+            first_stream = min(lq, max(0, wide - q_offset))
     chunk = max(128, CHUNK_BYTES // (4 * b * lk))
     for row0 in range(0, first_stream, chunk):
         rows = min(chunk, first_stream - row0)

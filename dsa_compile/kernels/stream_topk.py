@@ -4,10 +4,11 @@ The stored-score path (kernels/select_topk.py) writes float32 scores for every v
 (query, key) pair and reads them back several times: at 128K that is ~34 GB written and
 re-read, most of the indexer's time. Here each row's scores are streamed instead:
 
-1. The score kernel computes the scores of a sample of key columns only (the geometry
-   of select_topk's sampled path: a SAMPLE-wide piece every ``stride`` keys, ~1/20 of a
-   row for top_k = 2048) and :func:`bound_kernel` radix-selects each row's lower bound,
-   its sample rank that ~1.25 * top_k keys of the whole row are expected to reach.
+1. The score kernel computes the scores of a sample of key columns only (a SAMPLE-wide
+   piece every ``stride`` keys, ~1/20 of a row for top_k = 2048; narrow pieces, so a
+   query's recent window, where real selections crowd, holds several of them), and
+   :func:`bound_kernel` radix-selects each row's lower bound: the sample rank that
+   ~1.25 * top_k keys of the whole row are expected to reach.
 2. The score kernel, in collect mode, computes every score and appends the (ordered key,
    index) pairs at or above their row's bound to a per-row scratch of CAP = 2 * top_k
    slots (one atomic per row and tile reserves the slots; the count goes on past CAP so
@@ -30,11 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels import select_topk
 from dsa_compile.kernels.common import INTERPRET, dot
 from dsa_compile.kernels.select_topk import _configs, _emit, _load_keys, _radix_select
 
 INT32_MAX = tl.constexpr(2147483647)
+# Sample pieces are SAMPLE keys wide; the sample aims at rank ~SAMPLE_RANK of its keys.
+SAMPLE = 16
+SAMPLE_RANK = 128
 # Fallback programs per batch row (each owns one float32 score row of the chunk's width).
 FALLBACK_PROGRAMS = 4 if INTERPRET else 256
 # Fallback score blocks: keys per block.
@@ -178,10 +181,16 @@ def fallback_kernel(
 def sample_geometry(top_k: int) -> tuple[int, int, int] | None:
     """(stride, SAMPLE_W, SAMPLE_K) of the sampled bound for ``top_k``, or None where
     top_k is too small to sample (the sample would be most of the row)."""
-    stride = select_topk.SAMPLE * max(1, (5 * top_k) // (4 * select_topk.SAMPLE_RANK))
-    if stride < 4 * select_topk.SAMPLE:
+    stride = SAMPLE * max(1, (5 * top_k) // (4 * SAMPLE_RANK))
+    if stride < 4 * SAMPLE:
         return None
-    return stride, select_topk.SAMPLE, (5 * top_k) // 4
+    return stride, SAMPLE, (5 * top_k) // 4
+
+
+def first_streamed_width(top_k: int, stride: int) -> int:
+    """Rows that see more keys than this are streamed: enough sample pieces for a bound,
+    and at least twice top_k keys (shorter rows keep most of their keys: stored path)."""
+    return max(4 * stride, 2 * top_k)
 
 
 def sampled_width(width: int, stride: int, sample_w: int) -> int:
