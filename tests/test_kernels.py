@@ -219,6 +219,7 @@ def _stream_inputs(b, lq, lk, h, d, kind):
 
 def _watch_stream(monkeypatch):
     """Patch in the tiny sample geometry; returns the list of per-chunk fallback flags."""
+    monkeypatch.setattr(indexer_module, "STREAM", True)
     monkeypatch.setattr(stream_module, "SAMPLE", 4)
     monkeypatch.setattr(stream_module, "SAMPLE_RANK", 8)
     flags = []
@@ -283,6 +284,7 @@ def test_gpu_indexer_topk_streamed_real_geometry(monkeypatch, dtype):
     """top_k 2048 with the product's sample geometry: rows past 20480 keys stream."""
     b, lq, lk, h, d, top_k = 1, 700, 24577, 8, 128, 2048
     q_idx, k_idx, w = make_indexer_inputs(b, lq, lk, h, d, dtype)
+    monkeypatch.setattr(indexer_module, "STREAM", True)
     got = kernels.indexer_topk(q_idx, k_idx, w, top_k, lk - lq, True, None)
     monkeypatch.setattr(indexer_module, "STREAM", False)
     stored = kernels.indexer_topk(q_idx, k_idx, w, top_k, lk - lq, True, None)

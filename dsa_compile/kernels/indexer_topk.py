@@ -13,8 +13,8 @@ long length): scores for a chunk, only as wide as its last query can see, then a
 exact radix select per row (kernels/select_topk.py). The output is ascending without
 a sort and ties go to the smaller key index, as the contract says.
 
-For top_k large enough to sample (DeepSeek's 2048), rows that see more than a few
-sample strides of keys take the streamed selection instead (kernels/stream_topk.py):
+With ``STREAM`` on and top_k large enough to sample (DeepSeek's 2048), rows that see
+more than 2 x top_k keys take the streamed selection instead (kernels/stream_topk.py):
 the score kernel scores a ~1/20 sample of the keys for a per-row bound, then scores
 every key again and keeps only those at or above the bound, so the float32 L x L
 scores are never written; the top-k runs on ~1.25 x top_k candidates per row.
@@ -32,8 +32,10 @@ from dsa_compile.kernels.select_topk import FLOAT32_LOWEST, _ordered_key, select
 
 # Float32 scores kept per chunk of query rows (bytes); bounds the selection's memory.
 CHUNK_BYTES = 1 << 30
-# Rows that see enough keys take the streamed selection (False: always store scores).
-STREAM = True
+# True: rows that see enough keys take the streamed selection (kernels/stream_topk.py).
+# Off by default until it has been timed and checked on a GPU (it is tested under the
+# Triton interpreter only); set dsa_compile.kernels.indexer_topk.STREAM = True to use it.
+STREAM = False
 # Score kernel modes: store the scores, store the sampled columns' scores, or collect
 # the candidates at or above each row's bound (kernels/stream_topk.py).
 WRITE, SAMPLE, COLLECT = 0, 1, 2
