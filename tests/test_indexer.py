@@ -12,6 +12,7 @@ from dsa_compile.indexer import (
     Indexer,
     IndexerRegistry,
     default_index_shape,
+    ensure_fitted,
     low_rank_bilinear,
 )
 
@@ -78,6 +79,21 @@ def test_lazy_fit_only_with_enough_real_keys():
     assert not ix.fitted
     ix(torch.randn(1, 4, FIT_MIN_TOKENS, 16), torch.randn(1, 2, FIT_MIN_TOKENS, 16))
     assert ix.fitted
+
+
+def test_ensure_fitted_is_the_one_fit_decision():
+    """ensure_fitted: never refits, respects min_tokens, and with real=True (the backend's
+    fit run, inside the compiler) skips the fake/traced checks but not the token count."""
+    ix = Indexer(4, 2, 16)
+    q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
+    assert not ensure_fitted(ix, q, k) and not ix.fitted  # 40 < FIT_MIN_TOKENS keys
+    assert not ensure_fitted(ix, q, k, real=True) and not ix.fitted
+    before = ix.wq.detach().clone()
+    assert ensure_fitted(ix, q, k, min_tokens=1) and ix.fitted
+    assert not torch.equal(ix.wq, before)  # the fit changed the projections
+    fitted = ix.wq.detach().clone()
+    assert not ensure_fitted(ix, 2 * q, 2 * k, min_tokens=1)  # a fitted indexer stays
+    assert torch.equal(ix.wq, fitted)
 
 
 def test_registry_finds_by_any_anchor_and_forgets_dead_ones():
