@@ -58,7 +58,6 @@ def can_fit_on(q: torch.Tensor, k: torch.Tensor, min_tokens: int = FIT_MIN_TOKEN
     return k.shape[0] * k.shape[2] >= min_tokens
 
 
-
 def ensure_fitted(indexer, q: torch.Tensor, k: torch.Tensor,
                   min_tokens: int = FIT_MIN_TOKENS, real: bool = False) -> bool:
     """Fit ``indexer`` on (q, k) unless it is fitted already: the one place that decides
@@ -68,8 +67,11 @@ def ensure_fitted(indexer, q: torch.Tensor, k: torch.Tensor,
     executes inside the compiler), for fake or traced tensors. Returns whether it fitted."""
     if indexer.fitted:
         return False
-    # Tracing checks before any shape test: under dynamo a length test would be a guard.
-    if not (k.shape[0] * k.shape[2] >= min_tokens if real else can_fit_on(q, k, min_tokens)):
+    if real:
+        enough = k.shape[0] * k.shape[2] >= min_tokens
+    else:  # tracing checks before any shape test: under dynamo a length test is a guard
+        enough = can_fit_on(q, k, min_tokens)
+    if not enough:
         return False
     indexer.fit(q, k)
     return True

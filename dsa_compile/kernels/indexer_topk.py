@@ -147,19 +147,25 @@ def indexer_scores_kernel(
         tl.store(o_ptrs, scores, mask=m_ok[:, None] & (offs_v < out_width)[None, :])
 
 
+def _optional_args(key_mask, k_scale, placeholder):
+    """(key mask as the kernels read it, key scales), ``placeholder`` (any tensor, unread
+    without HAS_MASK / KEY_SCALE) for the missing ones."""
+    km = placeholder
+    if key_mask is not None:
+        km = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+    return km, (k_scale if k_scale is not None else placeholder)
+
+
 def _launch_scores(q_idx, k_idx, w, row0, rows, width, q_offset, causal, key_mask, k_scale,
                    out, mode=WRITE, out_width=None, stride_sample=0, sample_w=1,
                    bound=None, cnt=None, si=None, cap=1):
     """One launch of :func:`indexer_scores_kernel` (see its modes)."""
     b, _, h, d = q_idx.shape
     out_width = width if out_width is None else out_width
-    km = out  # any tensor: unused without HAS_MASK
-    if key_mask is not None:
-        km = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
-    ks = k_scale if k_scale is not None else out  # any tensor: unused without KEY_SCALE
+    km, ks = _optional_args(key_mask, k_scale, out)
     bound = out if bound is None else bound
-    if cnt is None:  # the autotuner saves and restores CNT around its trials: keep it small
-        cnt = torch.zeros(1, dtype=torch.int32, device=out.device)
+    if cnt is None:  # unread; the autotuner saves and restores CNT around trials: keep it small
+        cnt = torch.empty(1, dtype=torch.int32, device=out.device)
     si = out if si is None else si
 
     def grid(meta):
@@ -226,9 +232,7 @@ def stream_topk_chunk(q_idx, k_idx, w, out, row0, rows, width, q_offset, causal,
     del sk, si
     programs = min(rows, stream_topk.FALLBACK_PROGRAMS)
     fs = buf((b * programs, width), torch.float32, dev)
-    km = key_mask.view(torch.uint8) if key_mask is not None and key_mask.dtype == torch.bool \
-        else (key_mask if key_mask is not None else fs)
-    ks = k_scale if k_scale is not None else fs
+    km, ks = _optional_args(key_mask, k_scale, fs)
     stream_topk.fallback_kernel[(programs, b)](
         q_idx, k_idx, w, km, ks, fail, fs, out,
         q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
