@@ -425,12 +425,18 @@ def main(argv=None):
     parser.add_argument("--tile-block-q", default="",
                         help="comma list of extra block_q values for sparse_tiles "
                              "(default: only the kernel's own choice)")
+    parser.add_argument("--stream", action="store_true",
+                        help="use the streamed top-k (kernels/indexer_topk.STREAM)")
     parser.add_argument("--csv", default="benchmarks/results/attention_layer.csv")
     parser.add_argument("--plot", default="benchmarks/results/attention_layer.png")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention_layer.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.stream:
+        from dsa_compile.kernels import indexer_topk
+
+        indexer_topk.STREAM = True
     run([int(x) for x in args.lengths.split(",")], args.index_shapes.split(","),
         set(args.methods.split(",")), args.csv, args.plot,
         (None, *(int(x) for x in args.tile_block_q.split(",") if x)))

@@ -5,6 +5,7 @@
     python benchmarks/onnx_layer.py --variants dense dsa dsa_dense   # + exact dense rows
     python benchmarks/onnx_layer.py --profile        # where the dsa time goes (ORT profiler)
     python benchmarks/onnx_layer.py --interleaved    # one process, variants run in turns
+    python benchmarks/onnx_layer.py --inputs real    # a real SmolLM2 layer's q, k, indexer
 
 Layer: 9 query heads, 3 KV heads, head dim 64, causal; the indexer has the default
 shape of :class:`dsa_compile.indexer.Indexer` for it (H_I = 3, d_I = 48).
@@ -14,6 +15,16 @@ shape of :class:`dsa_compile.indexer.Indexer` for it (H_I = 3, d_I = 48).
 - dense:     one standard opset-23 ``Attention`` node (is_causal = 1) on the same q, k, v.
 - dsa_dense: the same ``dsa.Attention`` node with dense_below = L, so every query takes
              exact dense attention through the function's query-chunked GEMM path.
+
+Inputs: ``random`` (Gaussian q, k and index queries / keys: selections share nothing, the
+worst case for query tiles) or ``real`` (layer ``--layer`` of SmolLM2-135M-Instruct on
+real text at the benchmark length: its post-RoPE q and k and its training-free indexer's
+q_idx / k_idx / w; v is random, it does not change the work). The real inputs are cached
+under ``--cache`` (one dense forward on CPU, ~1 min at 8K). The union statistics of the
+selections a run measured on are printed.
+
+Sessions use :func:`dsa_compile.onnx.session_options` (denormals flushed to zero) for
+every variant; ``--keep-denormals`` times onnxruntime's defaults instead.
 
 Each variant runs in its own subprocess so that its peak resident memory (VmHWM above
 the RSS before the first run) is its own; the variants alternate for ``--rounds`` rounds
@@ -54,6 +65,63 @@ def inputs(length: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+def real_inputs(length: int, layer: int, cache: str) -> dict[str, np.ndarray]:
+    """One SmolLM2 attention layer's inputs on real text (see the module docstring)."""
+    path = os.path.join(cache, f"smollm2_layer{layer}_{length}.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return dict(f)
+    import torch
+
+    from dsa_compile.config import DSAConfig
+    from dsa_compile.evaluation.capture import capture_sites
+    from dsa_compile.evaluation.models import load_causal_lm
+    from dsa_compile.evaluation.text import token_blocks
+
+    torch.manual_seed(0)
+    model, tok = load_causal_lm()
+    sites, _ = capture_sites(model, token_blocks(tok, length, 1), DSAConfig(dense_below=0),
+                             caller="onnx_layer")
+    site = list(sites.values())[layer]
+    q, k = site.acts[0]
+    with torch.no_grad():
+        q_idx, k_idx, w = site.indexer(q, k)
+    feed = {"q": q, "k": k, "v": torch.randn(k.shape, generator=torch.Generator().manual_seed(0)),
+            "q_idx": q_idx, "k_idx": k_idx, "w": w}
+    feed = {n: t.float().contiguous().numpy() for n, t in feed.items()}
+    assert feed["q"].shape == (1, HQ, length, D) and feed["q_idx"].shape[2:] == (H_I, D_I)
+    os.makedirs(cache, exist_ok=True)
+    np.savez(path + ".tmp.npz", **feed)
+    os.replace(path + ".tmp.npz", path)
+    return feed
+
+
+def layer_inputs(settings: dict, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    if settings["inputs"] == "real":
+        return real_inputs(length, settings["layer"], settings["cache"])
+    return inputs(length, seed)
+
+
+def union_stats(feed: dict[str, np.ndarray], top_k: int, chunk: int) -> str:
+    """Mean |union of a query chunk's selections| / top_k over chunks whose rows all see
+    more than top_k keys, and as a share of the keys they see."""
+    import torch
+
+    from dsa_compile.reference.indexer import indexer_topk
+
+    t = {n: torch.from_numpy(feed[n]) for n in ("q_idx", "k_idx", "w")}
+    idx = indexer_topk(t["q_idx"], t["k_idx"], t["w"], top_k)[0]            # [L, top_k]
+    ratios, shares = [], []
+    for start in range(top_k, idx.shape[0] - chunk + 1, chunk):
+        rows = idx[start : start + chunk]
+        union = torch.unique(rows[rows >= 0]).numel()
+        ratios.append(union / top_k)
+        shares.append(union / (start + chunk))
+    return (f"union of {chunk}-query chunks: {sum(ratios) / len(ratios):.2f} x top_k, "
+            f"{100 * sum(shares) / len(shares):.0f}% of the visible keys (mean of "
+            f"{len(ratios)} chunks)")
+
+
 def dense_model():
     from onnx import TensorProto, helper
 
@@ -81,10 +149,12 @@ def variant_model(variant: str, length: int, top_k: int, query_chunk: int | None
     return dsa_model(top_k, query_chunk, dense_below), ["q", "k", "v", "q_idx", "k_idx", "w"]
 
 
-def session(model, threads: int | None):
+def session(model, threads: int | None, keep_denormals: bool = False):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from dsa_compile.onnx import session_options
+
+    options = ort.SessionOptions() if keep_denormals else session_options()
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options,
@@ -114,22 +184,24 @@ def check(length: int, top_k: int, query_chunk: int | None,
     return errors
 
 
-def profile(length: int, top_k: int, query_chunk: int | None, threads: int | None,
-            rows: int = 12) -> None:
+def profile(settings: dict, length: int, top_k: int, query_chunk: int | None,
+            threads: int | None, rows: int = 12) -> None:
     """Run the dsa file once under onnxruntime's profiler; print kernel time per op type."""
     import collections
     import tempfile
 
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from dsa_compile.onnx import session_options
+
+    options = ort.SessionOptions() if settings["keep_denormals"] else session_options()
     if threads:
         options.intra_op_num_threads = threads
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "dsa")
     sess = ort.InferenceSession(dsa_model(top_k, query_chunk).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
-    sess.run(None, inputs(length))
+    sess.run(None, layer_inputs(settings, length))
     path = sess.end_profiling()
     with open(path) as f:
         events = json.load(f)
@@ -167,11 +239,11 @@ def peak_rss() -> int:
     return _status_bytes("VmHWM")
 
 
-def worker(variant: str, length: int, top_k: int, query_chunk: int | None, repeats: int,
-           threads: int | None) -> dict:
+def worker(settings: dict, variant: str, length: int, top_k: int, query_chunk: int | None,
+           repeats: int, threads: int | None) -> dict:
     model, names = variant_model(variant, length, top_k, query_chunk)
-    feed = {n: v for n, v in inputs(length).items() if n in names}
-    sess = session(model, threads)
+    feed = {n: v for n, v in layer_inputs(settings, length).items() if n in names}
+    sess = session(model, threads, settings["keep_denormals"])
     base = reset_peak_rss()
     sess.run(None, feed)
     times = []
@@ -183,14 +255,16 @@ def worker(variant: str, length: int, top_k: int, query_chunk: int | None, repea
             "median_s": statistics.median(times), "peak_extra_mib": (peak_rss() - base) / 2**20}
 
 
-def interleaved(variants: list[str], length: int, top_k: int, query_chunk: int | None,
-                runs: int, threads: int | None) -> dict[str, list[float]]:
+def interleaved(settings: dict, variants: list[str], length: int, top_k: int,
+                query_chunk: int | None, runs: int,
+                threads: int | None) -> dict[str, list[float]]:
     """Seconds of ``runs`` runs of each variant, taken in turns within this process."""
-    feed = inputs(length)
+    feed = layer_inputs(settings, length)
     sessions = {}
     for variant in variants:
         model, names = variant_model(variant, length, top_k, query_chunk)
-        sessions[variant] = (session(model, threads), {n: feed[n] for n in names})
+        sessions[variant] = (session(model, threads, settings["keep_denormals"]),
+                             {n: feed[n] for n in names})
         sessions[variant][0].run(None, sessions[variant][1])  # warm-up
     times = {v: [] for v in variants}
     for _ in range(runs):
@@ -201,8 +275,8 @@ def interleaved(variants: list[str], length: int, top_k: int, query_chunk: int |
     return times
 
 
-def run_worker(*args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *map(str, args)]
+def run_worker(settings: dict, *args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(settings), *map(str, args)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -222,14 +296,22 @@ def main() -> None:
                         help="also print the dsa file's kernel time per op type")
     parser.add_argument("--interleaved", action="store_true",
                         help="time the variants in turns in one process (no memory column)")
+    parser.add_argument("--inputs", choices=["random", "real"], default="random")
+    parser.add_argument("--layer", type=int, default=15, help="SmolLM2 layer (--inputs real)")
+    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/dsa_compile/onnx_layer"),
+                        help="where --inputs real keeps its captured activations")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="onnxruntime's default session options (no flush to zero)")
     parser.add_argument("--csv", default=None)
-    parser.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=7, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        variant, length, top_k, chunk, repeats, threads = args.worker
-        print(json.dumps(worker(variant, int(length), int(top_k), int(chunk) or None,
-                                int(repeats), int(threads) or None)))
+        settings, variant, length, top_k, chunk, repeats, threads = args.worker
+        print(json.dumps(worker(json.loads(settings), variant, int(length), int(top_k),
+                                int(chunk) or None, int(repeats), int(threads) or None)))
         return
+    settings = {"inputs": args.inputs, "layer": args.layer, "cache": args.cache,
+                "keep_denormals": args.keep_denormals}
 
     variants = list(dict.fromkeys(["dense", "dsa", *args.variants]))
     errors = check(args.check_length, args.top_k, args.query_chunk or None, variants)
@@ -238,15 +320,25 @@ def main() -> None:
         for v, e in errors.items()))
     if max(errors.values()) > 1e-4:
         sys.exit("correctness check failed: no speedup reported")
+    from dsa_compile.onnx import functions
+
+    for length in args.lengths:
+        print(f"L={length} {args.inputs} inputs: " + union_stats(
+            layer_inputs(settings, length), args.top_k,
+            args.query_chunk or functions.DEFAULT_QUERY_CHUNK), flush=True)
     if args.profile:
-        profile(args.lengths[0], args.top_k, args.query_chunk or None, args.threads or None)
+        profile(settings, args.lengths[0], args.top_k, args.query_chunk or None,
+                args.threads or None)
 
     if args.interleaved:
         for length in args.lengths:
-            times = interleaved(variants, length, args.top_k, args.query_chunk or None,
-                                args.rounds * args.repeats, args.threads or None)
+            times = interleaved(settings, variants, length, args.top_k,
+                                args.query_chunk or None, args.rounds * args.repeats,
+                                args.threads or None)
             best = {v: min(t) for v, t in times.items()}
-            print(f"L={length} top_k={args.top_k} interleaved, best of {args.rounds * args.repeats}"
+            print(f"L={length} top_k={args.top_k} {args.inputs} inputs, denormals "
+                  f"{settings['keep_denormals'] and 'kept' or 'flushed'}, interleaved, best of "
+                  f"{args.rounds * args.repeats}"
                   f" (load {os.getloadavg()[0]:.1f}): "
                   + ", ".join(f"{v} {t:.3f} s" for v, t in best.items())
                   + f"; dense/dsa {best['dense'] / best['dsa']:.2f}x"
@@ -266,10 +358,11 @@ def main() -> None:
         runs = {v: [] for v in variants}
         for _ in range(args.rounds):
             for variant in runs:
-                runs[variant].append(run_worker(variant, *common))
+                runs[variant].append(run_worker(settings, variant, *common))
         best = {v: min(runs[v], key=lambda r: r["min_s"]) for v in variants}
         dense, dsa = best["dense"], best["dsa"]
-        row = {"L": length, "top_k": args.top_k, "dense_s": dense["min_s"],
+        row = {"L": length, "top_k": args.top_k, "inputs": args.inputs,
+               "denormals": "kept" if args.keep_denormals else "flushed", "dense_s": dense["min_s"],
                "dsa_s": dsa["min_s"], "speedup": dense["min_s"] / dsa["min_s"],
                "dense_peak_mib": dense["peak_extra_mib"], "dsa_peak_mib": dsa["peak_extra_mib"],
                "dense_median_s": dense["median_s"], "dsa_median_s": dsa["median_s"],

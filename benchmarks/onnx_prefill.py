@@ -64,7 +64,9 @@ def prefill_worker(path: str, length: int, repeats: int) -> dict:
     """Time one prefill of ``length`` tokens through ``path``; peak RSS above the session."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    from dsa_compile.onnx import session_options
+
+    session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(0).integers(0, 40000, (1, length), dtype=np.int64)
     name = session.get_inputs()[0].name
     with open("/proc/self/clear_refs", "w") as f:
@@ -83,7 +85,9 @@ def ort_perplexity(path: str, blocks) -> float:
     import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    from dsa_compile.onnx import session_options
+
+    session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     total, count = 0.0, 0
     for row in blocks:

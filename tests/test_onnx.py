@@ -116,13 +116,22 @@ ATTENTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["gemm", "gather"])
+def _force_path(monkeypatch, path: str) -> None:
+    """Sparse chunks as one tile over the union of their selections, as one tile over the
+    visible keys, or by per-query row gathers (functions' dispatch constants)."""
+    monkeypatch.setattr(functions, "GATHER_ABOVE_KEYS", 0 if path == "rows" else 10**9)
+    monkeypatch.setattr(functions, "UNION_BELOW_PERCENT", 101 if path == "union" else 0)
+
+
+PATHS = ["union", "visible", "rows"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d,h_i,d_i,top_k,q_offset,causal,softcap,dense_below,"
                          "chunk", ATTENTION_CASES)
 def test_attention_function_matches_op(b, hq, hkv, lq, lk, d, h_i, d_i, top_k, q_offset,
                                        causal, softcap, dense_below, chunk, path, monkeypatch):
-    # Short chunks take dense GEMMs over the visible keys, long ones gather K/V rows.
-    monkeypatch.setattr(functions, "GATHER_ABOVE_KEYS", 10**9 if path == "gemm" else 0)
+    _force_path(monkeypatch, path)
     q, k, v = _attn_inputs(b, hq, hkv, lq, lk, d)
     q_idx, k_idx, w = _indexer_inputs(b, lq, lk, h_i, d_i)
     scale = d ** -0.5
@@ -134,6 +143,22 @@ def test_attention_function_matches_op(b, hq, hkv, lq, lk, d, h_i, d_i, top_k, q
     want = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset,
                                    None, softcap, dense_below)
     assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_function_with_tied_index_scores(path, monkeypatch):
+    """Integer index inputs tie many scores (zeros too) at the k-th place: the newest-first
+    TopK must fall back to the oldest-first one, ties going to the smaller key."""
+    _force_path(monkeypatch, path)
+    b, hq, hkv, length, d, top_k = 2, 4, 2, 90, 32, 12
+    q, k, v = _attn_inputs(b, hq, hkv, length, length, d)
+    q_idx, k_idx, w = _indexer_inputs(b, length, length, 2, 8)
+    q_idx, k_idx = q_idx.round(), k_idx.round()
+    model = functions.op_model("Attention", top_k=top_k, scale=d ** -0.5, query_chunk=16)
+    (got,) = _session(model).run(None, dict(zip(["q", "k", "v", "q_idx", "k_idx", "w"],
+                                                _np(q, k, v, q_idx, k_idx, w))))
+    want = torch.ops.dsa.attention(q, k, v, q_idx, k_idx, w, top_k, d ** -0.5, True, 0)
     np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
 
 
@@ -158,13 +183,13 @@ KEY_MASK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["gemm", "gather"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,d,h_i,d_i,top_k,q_offset,causal,dense_below,chunk",
                          KEY_MASK_CASES)
 def test_attention_function_with_key_mask_matches_op(b, hq, hkv, lq, lk, d, h_i, d_i, top_k,
                                                      q_offset, causal, dense_below, chunk,
                                                      path, monkeypatch):
-    monkeypatch.setattr(functions, "GATHER_ABOVE_KEYS", 10**9 if path == "gemm" else 0)
+    _force_path(monkeypatch, path)
     q, k, v = _attn_inputs(b, hq, hkv, lq, lk, d)
     q_idx, k_idx, w = _indexer_inputs(b, lq, lk, h_i, d_i)
     key_mask = _key_mask(b, lk)

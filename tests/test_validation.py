@@ -408,6 +408,28 @@ def test_verify_refuses_a_forged_function_body():
             dsa_onnx.verify(model)
 
 
+def test_verify_accepts_an_earlier_releases_body(monkeypatch):
+    """A body listed in functions.RETIRED_BODIES (what an earlier release wrote) verifies;
+    the same body unlisted does not."""
+    import hashlib
+
+    import onnx
+
+    import dsa_compile.onnx as dsa_onnx
+    from dsa_compile.onnx import functions
+    from dsa_compile.onnx.export import functions_digest
+
+    model = _ours("Attention")
+    body = model.functions[0]
+    body.node.append(onnx.helper.make_node("Identity", ["q"], ["unused_copy_of_q"]))
+    _set_hash(model, functions_digest(model))
+    with pytest.raises(ValueError, match="is not the body"):
+        dsa_onnx.verify(model)
+    old = hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+    monkeypatch.setitem(functions.RETIRED_BODIES, ("Attention", ""), (old,))
+    assert dsa_onnx.verify(model)["dsa_nodes"] == {"Attention": 1}
+
+
 def _set_hash(model, digest):
     from dsa_compile.onnx.export import META_FUNCTIONS
 

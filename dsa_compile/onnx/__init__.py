@@ -14,7 +14,8 @@ runs it; everything else is standard opset 23.
 
 - :func:`export`        model -> one .onnx file (atomic write; errors name the node)
 - :func:`verify`        check a file is a dsa_compile export and passes the full checker
-- :func:`load_session`  onnxruntime InferenceSession of a verified file
+- :func:`load_session`  onnxruntime InferenceSession of a verified file (with
+  :func:`session_options`: denormals flushed to zero, as every session here)
 - :func:`run`           run a session (or path) on torch / numpy inputs
 - :func:`generate`      greedy / sampled generation with a decoder file (``export(...,
   past=True)``) on onnxruntime, numpy only (:mod:`.generation`; :mod:`.decoder` writes it)
@@ -25,6 +26,7 @@ runs it; everything else is standard opset 23.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import os
@@ -35,6 +37,7 @@ import numpy as np
 import onnx
 
 from dsa_compile.onnx import functions, schemas
+from dsa_compile.onnx import generation as _generation
 from dsa_compile.onnx.export import (
     CausalLMLogits,
     ExportError,
@@ -42,7 +45,7 @@ from dsa_compile.onnx.export import (
     export,
     translation_table,
 )
-from dsa_compile.onnx.generation import generate
+from dsa_compile.onnx.generation import generate, session_options
 from dsa_compile.onnx.markers import (
     META_CONFIG,
     META_FUNCTIONS,
@@ -54,7 +57,8 @@ from dsa_compile.onnx.markers import (
 from dsa_compile.onnx.schemas import register_schemas
 
 __all__ = ["CausalLMLogits", "ExportError", "SDPAOverrideDSA", "export", "generate",
-           "load_session", "register_schemas", "run", "translation_table", "verify"]
+           "load_session", "register_schemas", "run", "session_options", "translation_table",
+           "verify"]
 
 def _load(path_or_model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(path_or_model, onnx.ModelProto):
@@ -146,16 +150,21 @@ def _check_dsa_node(node: onnx.NodeProto, where: str) -> None:
                          f"attribute (the input replaces the attribute); {redo}")
 
 
+def _digest(f: onnx.FunctionProto) -> str:
+    return hashlib.sha256(f.SerializeToString(deterministic=True)).hexdigest()
+
+
 def _check_dsa_functions(model: onnx.ModelProto, meta: dict[str, str], where: str) -> None:
-    """The dsa function bodies are exactly this dsa_compile's, and the hash recorded at
+    """The dsa function bodies are exactly this dsa_compile's (or an earlier release's,
+    functions.RETIRED_BODIES), and the hash recorded at
     export matches them (a file edited after export, or forged, fails here)."""
-    ours = {key: f.SerializeToString(deterministic=True)
+    ours = {key: {_digest(f), *functions.RETIRED_BODIES.get(key, ())}
             for key, f in functions.all_functions().items()}
     for f in model.functions:
         if f.domain != functions.DOMAIN:
             continue
         name = _function_name(f.name, f.overload)
-        if ours.get((f.name, f.overload)) != f.SerializeToString(deterministic=True):
+        if _digest(f) not in ours.get((f.name, f.overload), ()):
             raise ValueError(f"verify: {where!r}: its function dsa.{name} is not the body this "
                              f"dsa_compile writes (edited, forged or from another version); "
                              f"re-export the model")
@@ -247,9 +256,7 @@ def load_session(path: str | os.PathLike, providers: Sequence[str] | None = None
 
     if check:
         verify(path)
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
+    options = _generation.session_options(threads)  # the argument shadows the function
     for key, value in session_options.items():
         setattr(options, key, value)
     return ort.InferenceSession(os.fspath(path), options,

@@ -19,10 +19,12 @@ only speed (onnxruntime CPU runs many tiny GEMMs and row gathers slowly):
   indexer or TopK, masked dense attention over the visible keys (one GEMM per KV head
   for the logits, one with V). DSA's dense rows (``dense_below``) take the same path,
   chunk by chunk, so no [Lq, Lk] mask or score matrix exists for them either;
-- it sees at most GATHER_ABOVE_KEYS keys: the same GEMM gives the logits of every
-  visible key, the selected ones are picked (GatherElements), softmaxed and scattered
-  back as probabilities for the GEMM with V;
-- beyond that, the selected K and V rows are gathered ([B, Hkv, C, top_k, D] per chunk).
+- the chunk as one query tile: the union of its rows' selections (neighbouring queries
+  of a real model share most of their keys) is gathered once, or the visible keys are
+  read in place where the union is most of them, and [C * R, N] GEMMs per KV head run
+  with each row masked to its own selection; used while N is at most GATHER_ABOVE_KEYS;
+- beyond that (wide unions: random-like selections over long rows), the selected K and V
+  rows are gathered per query ([B, Hkv, C, top_k, D] per chunk).
 
 Key padding: ``key_mask`` (bool [B, Lk], True = the key exists) hides keys from the
 indexer and from attention, and a query that sees no key outputs 0, as
@@ -37,8 +39,8 @@ Decoders need the query offset (the past length) at run time, not as the static
 [1], the attribute must then be 0), which gives two more overloads, Q_OFFSET_OVERLOAD and
 KEY_MASK_Q_OFFSET_OVERLOAD. Their bodies also size the query chunk to the rows (a decode
 step is one row, not a padded chunk) and let short chunks gather the selected rows
-(MASKED_DENSE_MIN_ROWS). The bodies of the first two overloads are unchanged, so files
-written before keep verifying.
+(MASKED_DENSE_MIN_ROWS). A file carries its own bodies and their sha256, so files written
+by earlier versions keep running and verifying when the bodies here change.
 
 Attributes are read through top-level ``Constant`` nodes that reference the function's
 attributes, and the Loop bodies use those outer-scope values, so no attribute
@@ -73,14 +75,36 @@ MASKED_DENSE_MIN_ROWS = 16
 # 96 and 128 were again slower than 64 after the 2026-11-28 changes.
 DEFAULT_QUERY_CHUNK = 64
 
-# Query chunks that see at most this many keys attend through dense GEMMs over the
-# visible keys (then pick the selected logits); longer ones gather the selected K/V rows.
-# Tuned on onnxruntime CPU with 9 q heads, 3 KV heads, d = 64 (benchmarks/onnx_layer.py):
-# at L = 8192, 3072..6144 were within noise of each other, 2048 was slower and never
-# gathering was no faster.
+# A sparse query chunk attends as one tile (GEMMs of [C * R, N] per KV head over N keys,
+# each row masked to its own selection) where N = min(union of its rows' selections,
+# visible keys) is at most GATHER_ABOVE_KEYS; wider ones gather K/V rows per query
+# (C x top_k rows, [R, top_k] GEMMs). The tile gathers the union's rows when the union is
+# below UNION_BELOW_PERCENT of the visible keys, else it reads the visible keys in place.
+# Tuned on onnxruntime CPU, SmolLM2 layer shape (benchmarks/onnx_layer.py).
 GATHER_ABOVE_KEYS = 4096
+UNION_BELOW_PERCENT = 50
 
 _NEG_INF = float("-inf")
+
+# sha256 of the function bodies earlier releases wrote (keyed by (op, overload)): their
+# files run on their own bodies, and verify accepts them beside the bodies written now.
+RETIRED_BODIES: dict[tuple[str, str], tuple[str, ...]] = {
+    # before 2026-12-07's query tiles and newest-first TopK
+    ("Attention", ""): ("5941137f222accb498286fb89105a1c57714598322304d288ecadffc9d4806b3",),
+    ("Attention", "key_mask"):
+        ("bca2cb15a7382b9ed19f08f643d3d74659e9fee19c94d38df720a3b085ab0a33",),
+    ("Attention", "q_offset"):
+        ("3b4ecc3430aac451302fc6fd8998af37939b995bb0c6d8dcec5dc8b03e41226a",),
+    ("Attention", "key_mask+q_offset"):
+        ("6bbdd19387239920231aec8ee84d499610c80d4b4db131e06404bf3cff503012",),
+    ("IndexerTopK", ""): ("b7fd69fb92af07c5d5623927a26b1d52cb44df3d496850fd8b947e41ecf38c43",),
+    ("IndexerTopK", "key_mask"):
+        ("8c06d80346cc52e6eac62d56d08ffcdfaec4724381e4d24fff2505aefc8feaf2",),
+    ("IndexerTopK", "q_offset"):
+        ("dd226d1257972081cfaeafc6a5817a632d8b340b03eff2334499a707380bbc0e",),
+    ("IndexerTopK", "key_mask+q_offset"):
+        ("d34635c7f0652e9adb8713daeac075f0cd3a77ec310079f8d627c3b5a50ff008",),
+}
 
 
 class _Body:
@@ -162,29 +186,57 @@ def _pad_rows(b: _Body, x: str, axis: int, rank: int, extra: str, value=None) ->
     return b.op("Pad", x, pads, value)
 
 
-def _hidden_keys(b: _Body, lk_vis: str, qpos: str, causal: str, key_pos: str,
-                 keep: str | None) -> str:
-    """bool [1 or B, C, Lk_vis]: True where a chunk row must not see the key.
+def _hidden_keys(b: _Body, kp: str, qpos: str, causal: str, keep: str | None) -> str:
+    """bool [1 or B, C, N]: True where a chunk row must not see the key.
 
-    qpos: int64 [C, 1] absolute query positions; causal: bool [1]; keep: bool [B, 1, Lk]
-    (key_mask) or None.
+    kp: int64 [N] the positions of the keys (ascending, or newest first); qpos: int64
+    [C, 1] absolute query positions; causal: bool [1]; keep: bool [B, 1, N] (key_mask, in
+    the order of kp) or None.
     """
-    zero = b.const([0])
-    kp = b.slice(key_pos, zero, lk_vis, 0)                               # [Lk_vis]
-    hide = b.op("And", b.op("Greater", kp, qpos), causal)               # [C, Lk_vis]
+    hide = b.op("And", b.op("Greater", kp, qpos), causal)               # [C, N]
     if keep is None:
-        return b.op("Unsqueeze", hide, zero)
-    return b.op("Or", hide, b.op("Not", b.slice(keep, zero, lk_vis, 2)))  # [B, C, Lk_vis]
+        return b.op("Unsqueeze", hide, b.const([0]))
+    return b.op("Or", hide, b.op("Not", keep))                          # [B, C, N]
 
 
-def _index_scores(b: _Body, qi: str, k_idx_t: str, wc: str, lk_vis: str, hidden: str) -> str:
-    """Indexer scores of one chunk.
+class _NewestFirst:
+    """The index keys and key mask with the key axis reversed (made once, outside the
+    query loop), so each chunk scores its visible keys newest first (what
+    :func:`_top_k` wants) without reversing its [C, Lk_vis] scores. The visible keys
+    0..Lk_vis-1 are the last Lk_vis entries, key Lk_vis-1 first."""
 
-    qi: [B, C, H_I, d_I], k_idx_t: [B, d_I, Lk], wc: [B, C, 1, H_I], hidden: bool
+    def __init__(self, b: _Body, k_idx_t: str, keep: str | None, lk: str):
+        self.k_idx_t = _reverse(b, k_idx_t, 2)
+        # A Gather of Lk-1-j: onnxruntime's optimizer warns on a negative-step Slice inside
+        # the loop's branches, and turns a Gather of a Range into a Slice that drops the
+        # reversal (a Range with a negative step came out empty).
+        if keep is not None:
+            ascending = b.op("Range", b.const(0), b.scalar(lk), b.const(1))
+            newest = b.op("Sub", b.op("Sub", lk, b.const([1])), ascending)
+            keep = b.op("Gather", keep, newest, axis=2)
+        self.keep = keep
+        self.lk = lk
+
+    def visible(self, b: _Body, lk_vis: str) -> tuple[str, str, str | None]:
+        """(k_idx^T [B, d_I, Lk_vis], positions [Lk_vis], keep [B, 1, Lk_vis] or None)."""
+        first = b.op("Sub", self.lk, lk_vis)
+        keep = None if self.keep is None else b.slice(self.keep, first, self.lk, 2)
+        positions = b.op("Range", b.scalar(b.op("Sub", lk_vis, b.const([1]))), b.const(-1),
+                         b.const(-1))
+        return b.slice(self.k_idx_t, first, self.lk, 2), positions, keep
+
+
+def _reverse(b: _Body, x: str, axis: int) -> str:
+    return b.op("Slice", x, b.const([-1]), b.const([-(2**63)]), b.const([axis]), b.const([-1]))
+
+
+def _index_scores(b: _Body, qi: str, kt: str, wc: str, lk_vis: str, hidden: str) -> str:
+    """Indexer scores of one chunk over Lk_vis keys (in the order kt holds them).
+
+    qi: [B, C, H_I, d_I], kt: [B, d_I, Lk_vis], wc: [B, C, 1, H_I], hidden: bool
     [1 or B, C, Lk_vis]; returns float32 [B, C, Lk_vis], -inf where hidden.
     """
     zero = b.const([0])
-    kt = b.slice(k_idx_t, zero, lk_vis, 2)                       # [B, d_I, Lk_vis]
     shp = b.op("Shape", qi)
     bc = b.op("Slice", shp, zero, b.const([2]), zero)            # [B, C]
     qf = b.op("Reshape", qi, b.cat(b.op("Slice", shp, zero, b.const([1]), zero),
@@ -253,51 +305,63 @@ def _sparse_chunk(b: _Body, qc: str, k_rows: str, v_rows: str, row_base: str, id
     return out, lse
 
 
-def _visible_logits(b: _Body, qc: str, k: str, v: str, lk_vis: str):
-    """Logits of every visible key, one GEMM per KV head: ([B, Hkv, C, R, Lk_vis],
-    V rows [B, Hkv, Lk_vis, Dv], the [B, Hkv, C, R] and [B, Hkv] shapes)."""
+def _selection_bias(b: _Body, idx: str, valid: str, lk_vis: str) -> str:
+    """Each chunk row's selection as an additive logit bias: float32 [B, C, Lk_vis], 0.0 at
+    the valid slots of idx [B, C, K] (TopK's indices are distinct within a row), else -inf.
+    (An Add of a bias shared by the heads is far cheaper on onnxruntime than a Where over
+    the [C * R, N] logits.)"""
+    ninf = helper.make_tensor("ninf", TensorProto.FLOAT, [1], [_NEG_INF])
+    hidden = b.op("ConstantOfShape", b.cat(b.op("Shape", idx, start=0, end=2), lk_vis),
+                  value=ninf)
+    slot = b.op("Where", valid, b.const(0.0, np.float32), b.const(_NEG_INF, np.float32))
+    return b.op("ScatterElements", hidden, idx, slot, axis=2)
+
+
+def _member_attention(b: _Body, qc: str, keys: str, vals: str, bias: str,
+                      softcap: str) -> str:
+    """Attention of a chunk over a key set, each row restricted to its own keys.
+
+    qc: [B, Hkv, C, R, D] pre-scaled; keys / vals: [B, Hkv, N, D] / [B, Hkv, N, Dv] (the
+    visible keys or the union of the chunk's selections); bias: float32 [1 or B, C, N], 0
+    where the row attends to the key, -inf where not. One GEMM per KV head for the logits
+    and one with V, [C * R, N] each: what the query-tile kernels do on the GPU. Returns
+    [B, Hkv, C, R, Dv] (NaN rows where every key is -inf, see :func:`_zero_unseen`).
+    """
     zero = b.const([0])
     shp = b.op("Shape", qc)
     lead = b.op("Slice", shp, zero, b.const([4]), zero)                    # [B, Hkv, C, R]
     two = b.op("Slice", shp, zero, b.const([2]), zero)                     # [B, Hkv]
+    n = b.dim(keys, 2)
     qd = b.op("Reshape", qc, b.cat(two, b.const([-1]), b.op("Slice", shp, b.const([4]),
                                                             b.const([5]), zero)))
-    kv = b.slice(k, zero, lk_vis, 2)                                       # [B, Hkv, Lk_vis, D]
-    vv = b.slice(v, zero, lk_vis, 2)
-    logits = b.op("MatMul", qd, b.op("Transpose", kv, perm=[0, 1, 3, 2]))  # [B, Hkv, C*R, Lk_vis]
-    return b.op("Reshape", logits, b.cat(lead, lk_vis)), vv, lead, two
+    logits = b.op("MatMul", qd, b.op("Transpose", keys, perm=[0, 1, 3, 2]))  # [B, Hkv, C*R, N]
+    logits = _softcap(b, b.op("Reshape", logits, b.cat(lead, n)), softcap)
+    logits = b.op("Add", logits, b.op("Unsqueeze", bias, b.const([1, 3])))
+    p = b.op("Reshape", b.op("Softmax", logits, axis=-1), b.cat(two, b.const([-1]), n))
+    out = b.op("MatMul", p, vals)                                          # [B, Hkv, C*R, Dv]
+    return b.op("Reshape", out, b.cat(lead, b.dim(vals, 3)))
 
 
-def _probs_times_v(b: _Body, p: str, vv: str, lead: str, two: str, lk_vis: str) -> str:
-    """Dense probabilities [B, Hkv, C, R, Lk_vis] @ V rows -> [B, Hkv, C, R, Dv]."""
-    p = b.op("Reshape", p, b.cat(two, b.const([-1]), lk_vis))
-    out = b.op("MatMul", p, vv)                                            # [B, Hkv, C*R, Dv]
-    return b.op("Reshape", out, b.cat(lead, b.dim(vv, 3)))
+def _tile_chunk(b: _Body, qc: str, k: str, v: str, lk_vis: str, softcap: str, union: str,
+                keys: str, bias: str) -> str:
+    """A query chunk's attention over the keys its rows selected, as one tile.
 
-
-def _masked_dense_chunk(b: _Body, qc: str, k: str, v: str, idx: str, valid: str, lk_vis: str,
-                        softcap: str) -> str:
-    """The same attention as the gather path, through dense GEMMs over the visible keys.
-
-    The selected logits are picked with GatherElements, softmaxed, scattered back into a
-    zero [C*R, Lk_vis] matrix and multiplied by V. Cheaper than gathering K and V rows
-    while Lk_vis is short (see GATHER_ABOVE_KEYS); O(C * Lk_vis) memory per chunk.
-
-    qc: [B, Hkv, C, R, D] pre-scaled; idx/valid: [B, C, K]; returns [B, Hkv, C, R, Dv]
-    (NaN rows where no slot is valid, see :func:`_zero_unseen`).
+    union: bool [1], gather the union ``keys`` (int64 [U], the keys any row selected) and
+    attend over them; else attend over every visible key. Either way each row sees only
+    its own selection (``bias``, [B, C, Lk_vis]), so both equal the gather path.
+    qc: [B, Hkv, C, R, D] pre-scaled.
     """
-    logits, vv, lead, two = _visible_logits(b, qc, k, v, lk_vis)
-    idx5 = b.op("Unsqueeze", idx, b.const([1, 3]))                         # [B, 1, C, 1, K]
-    idx5 = b.op("Expand", idx5, b.cat(lead, b.dim(idx, 2)))
-    picked = _softcap(b, b.op("GatherElements", logits, idx5, axis=4), softcap)
-    picked = b.op("Where", b.op("Unsqueeze", valid, b.const([1, 3])), picked,
-                  b.const(_NEG_INF, np.float32))
-    p = b.op("Softmax", picked, axis=-1)
-    dense_p = b.op("ScatterElements", b.op("ConstantOfShape", b.op("Shape", logits),
-                                           value=helper.make_tensor("z", TensorProto.FLOAT,
-                                                                    [1], [0.0])),
-                   idx5, p, axis=4)
-    return _probs_times_v(b, dense_p, vv, lead, two, lk_vis)
+    def over_union(s: _Body) -> str:
+        return _member_attention(s, qc, s.op("Gather", k, keys, axis=2),
+                                 s.op("Gather", v, keys, axis=2),
+                                 s.op("Gather", bias, keys, axis=2), softcap)
+
+    def over_visible(s: _Body) -> str:
+        zero = s.const([0])
+        return _member_attention(s, qc, s.slice(k, zero, lk_vis, 2), s.slice(v, zero, lk_vis, 2),
+                                 bias, softcap)
+
+    return _if(b, union, over_union, over_visible)
 
 
 def _visible_chunk(b: _Body, qc: str, k: str, v: str, lk_vis: str, hidden: str,
@@ -308,11 +372,10 @@ def _visible_chunk(b: _Body, qc: str, k: str, v: str, lk_vis: str, hidden: str,
     qc: [B, Hkv, C, R, D] pre-scaled; hidden: bool [1 or B, C, Lk_vis]; returns
     [B, Hkv, C, R, Dv] (NaN rows where every key is hidden, see :func:`_zero_unseen`).
     """
-    logits, vv, lead, two = _visible_logits(b, qc, k, v, lk_vis)
-    logits = _softcap(b, logits, softcap)
-    logits = b.op("Where", b.op("Unsqueeze", hidden, b.const([1, 3])),
-                  b.const(_NEG_INF, np.float32), logits)
-    return _probs_times_v(b, b.op("Softmax", logits, axis=-1), vv, lead, two, lk_vis)
+    zero = b.const([0])
+    bias = b.op("Where", hidden, b.const(_NEG_INF, np.float32), b.const(0.0, np.float32))
+    return _member_attention(b, qc, b.slice(k, zero, lk_vis, 2), b.slice(v, zero, lk_vis, 2),
+                             bias, softcap)
 
 
 def _zero_unseen(b: _Body, out: str, seen: str) -> str:
@@ -336,16 +399,19 @@ def _graph(b: _Body, inputs: list[onnx.ValueInfoProto], outputs: list[str]) -> o
                              [helper.make_empty_tensor_value_info(o) for o in outputs])
 
 
-def _branch(b: _Body, build) -> onnx.GraphProto:
+def _branch(b: _Body, build) -> tuple[onnx.GraphProto, int]:
     sub = _Body(b.name("branch"))
     out = build(sub)
-    return _graph(sub, [], [out])
+    outs = [out] if isinstance(out, str) else list(out)
+    return _graph(sub, [], outs), len(outs)
 
 
-def _if(b: _Body, cond: str, then_build, else_build) -> str:
-    """If on a bool [1] ``cond`` whose branches ``build(sub_body) -> value``."""
-    return b.op("If", b.scalar(cond), then_branch=_branch(b, then_build),
-                else_branch=_branch(b, else_build))
+def _if(b: _Body, cond: str, then_build, else_build):
+    """If on a bool [1] ``cond`` whose branches ``build(sub_body)`` return a value (or a
+    list of values: the If then returns a list)."""
+    (then_graph, n), (else_graph, _) = _branch(b, then_build), _branch(b, else_build)
+    return b.op("If", b.scalar(cond), outputs=n, then_branch=then_graph,
+                else_branch=else_graph)
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,14 +485,51 @@ def _loop_body(b: _Body, chunk: str) -> tuple[_Body, str, str]:
     return body, start, body.op("Add", start, chunk)
 
 
-def _select(b: _Body, scores: str, top_k: str, lk_vis: str):
+def _top_k(b: _Body, backwards: str, kk: str) -> tuple[str, str]:
+    """TopK over the last axis with ties to the smaller key, as the reference: (values,
+    indices int64 into the keys in ascending order), in no particular order.
+
+    backwards: scores [..., N] (no NaN) with the keys newest first (column j is key
+    N - 1 - j). onnxruntime's CPU TopK keeps a heap when k is small against N (N / k
+    above ~10): a heap insert per key that beats the k-th score seen so far, which is
+    nearly every key when scores grow with position, as a real indexer's do towards the
+    recent keys (4x slower than on random scores, measured on SmolLM2's). Newest first it
+    inserts rarely. That order breaks ties towards the larger key, so where a row's k-th
+    score is shared with keys outside the selection (a tie cut at the k-th place) the
+    search is repeated oldest key first. Rows whose k-th score is -inf (fewer valid keys
+    than k) take hidden keys as invalid slots either way.
+    """
+    one = b.const([1])
+    search = dict(outputs=2, axis=-1, largest=1, sorted=0)
+    vals, ridx = b.op("TopK", backwards, kk, **search)
+    idx = b.op("Sub", b.op("Sub", b.op("Shape", backwards, start=-1), one), ridx)
+    kth = b.op("ReduceMin", vals, b.const([-1]), keepdims=1)
+    at_least = b.op("ReduceSum", b.op("Cast", b.op("GreaterOrEqual", backwards, kth),
+                                      to=TensorProto.FLOAT), b.const([-1]), keepdims=1)
+    cut = b.op("And", b.op("Greater", at_least, b.op("Cast", kk, to=TensorProto.FLOAT)),
+               b.op("Not", b.op("IsInf", kth, detect_positive=0)))
+    tie = b.op("Reshape", b.op("ReduceMax", b.op("Cast", cut, to=TensorProto.FLOAT),
+                                keepdims=0), one)
+    return _if(b, b.op("Greater", tie, b.const([0.0], np.float32)),
+               lambda s: s.op("TopK", _reverse(s, backwards, -1), kk, **search),
+               lambda s: [s.op("Identity", vals), s.op("Identity", idx)])
+
+
+def _select(b: _Body, scores: str, top_k: str, lk_vis: str, newest_first: bool = False):
     """TopK of each row, in no particular order (ties go to the smaller key, as in the
     reference): (values [B, C, K'], indices int64 [B, C, K'], valid bool [B, C, K'], K').
-    A NaN score (a NaN indexer) ranks as the lowest finite one, as in the reference."""
+    scores: [B, C, Lk_vis], keys ascending or (``newest_first``) reversed.
+    A NaN score (a NaN indexer) ranks as the lowest finite one, as in the reference; the
+    replacement runs only where a chunk has one (their sum is NaN), not on every score."""
     lowest = b.const(np.finfo(np.float32).min, dtype=np.float32, hint="lowest")
-    scores = b.op("Where", b.op("IsNaN", scores), lowest, scores)
+    has_nan = b.op("Reshape", b.op("IsNaN", b.op("ReduceSum", scores, keepdims=0)),
+                   b.const([1]))
+    scores = _if(b, has_nan, lambda s: s.op("Where", s.op("IsNaN", scores), lowest, scores),
+                 lambda s: s.op("Identity", scores))
+    if not newest_first:
+        scores = _reverse(b, scores, -1)
     kk = b.op("Min", top_k, lk_vis)
-    vals, idx = b.op("TopK", scores, kk, outputs=2, axis=-1, largest=1, sorted=0)
+    vals, idx = _top_k(b, scores, kk)
     valid = b.op("Not", b.op("IsInf", vals, detect_positive=0))
     return vals, idx, valid, kk
 
@@ -484,14 +587,18 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
     first_pos = b.op("Add", a["q_offset"], first)
     causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
     keep = _keep(b, ins)
-    key_pos = b.op("Range", b.const(0), b.scalar(dims.lk), b.const(1))
 
     body, start, stop = _loop_body(b, a["query_chunk"])
     qpos, lk_vis = _chunk_positions(body, dims.lk, first_pos, start, stop, causal)
-    hidden = _hidden_keys(body, lk_vis, qpos, causal, key_pos, keep)
     qc = body.slice(qg, start, stop, 2)                                      # [B, Hkv, C, R, D]
 
+    def hidden_keys(s: _Body) -> str:  # [1 or B, C, Lk_vis], keys ascending
+        kp = s.op("Range", s.const(0), s.scalar(lk_vis), s.const(1))
+        return _hidden_keys(s, kp, qpos, causal,
+                            None if keep is None else s.slice(keep, s.const([0]), lk_vis, 2))
+
     def every_visible_key(sub: _Body) -> str:
+        hidden = hidden_keys(sub)
         out = _visible_chunk(sub, qc, k, v, lk_vis, hidden, a["softcap"])
         if keep is None:
             return out
@@ -505,11 +612,14 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
         if decode:  # transposed per chunk, and only where the chunk has many rows
             k_idx_t = lambda s: s.op("Transpose", s.slice(ins["k_idx"], s.const([0]), lk_vis, 1),
                                      perm=[0, 2, 1])
+        else:
+            newest = _NewestFirst(b, k_idx_t, keep, dims.lk)
         k_rows, v_rows, row_base = _kv_rows(b, dims, k, v)
 
         def selected_keys(sub: _Body) -> str:
             qi_c, wi_c = sub.slice(qi, start, stop, 1), sub.slice(wi, start, stop, 1)
             if decode:
+                hidden = hidden_keys(sub)
                 scores = _if(sub, sub.op("Less", a["query_chunk"],
                                          sub.const([MASKED_DENSE_MIN_ROWS])),
                              lambda s: _index_scores_keys_first(s, qi_c, ins["k_idx"], wi_c,
@@ -517,8 +627,10 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
                              lambda s: _index_scores(s, qi_c, k_idx_t(s), wi_c, lk_vis,
                                                      hidden))
             else:
-                scores = _index_scores(sub, qi_c, k_idx_t, wi_c, lk_vis, hidden)
-            vals, idx, valid, _ = _select(sub, scores, a["top_k"], lk_vis)
+                kt, kp, keep_vis = newest.visible(sub, lk_vis)
+                scores = _index_scores(sub, qi_c, kt, wi_c, lk_vis,
+                                       _hidden_keys(sub, kp, qpos, causal, keep_vis))
+            vals, idx, valid, _ = _select(sub, scores, a["top_k"], lk_vis, newest_first=not decode)
             one = sub.const([1])
 
             def gathered(s: _Body) -> str:
@@ -526,15 +638,26 @@ def _chunked_rows(b: _Body, dims: _Dims, ins: dict, a: dict, first: str, end: st
                                      s.op("Unsqueeze", idx, one), s.op("Unsqueeze", valid, one),
                                      a["softcap"], with_lse=False)[0]
 
-            def masked_dense(s: _Body) -> str:
-                return _masked_dense_chunk(s, qc, k, v, idx, valid, lk_vis, a["softcap"])
+            # The chunk as one tile over the keys its rows selected: their union, or
+            # every visible key where the union is most of them; per-row gathers where
+            # even that is wide (random selections over long rows).
+            bias = _selection_bias(sub, idx, valid, lk_vis)                 # [B, C, Lk_vis]
+            chosen = sub.op("Equal", sub.op("ReduceMax", bias, sub.const([0, 1]), keepdims=0),
+                            sub.const(0.0, np.float32))                        # [Lk_vis]
+            keys = sub.op("Squeeze", sub.op("NonZero", chosen), sub.const([0]))  # [U]
+            width = sub.op("Min", sub.op("Shape", keys), lk_vis)
+            union = sub.op("Less", sub.op("Mul", sub.op("Shape", keys), sub.const([100])),
+                           sub.op("Mul", lk_vis, sub.const([UNION_BELOW_PERCENT])))
 
-            short = sub.op("LessOrEqual", lk_vis, sub.const([GATHER_ABOVE_KEYS]))
+            def tile(s: _Body) -> str:
+                return _tile_chunk(s, qc, k, v, lk_vis, a["softcap"], union, keys, bias)
+
+            narrow = sub.op("LessOrEqual", width, sub.const([GATHER_ABOVE_KEYS]))
             if decode:
                 tall = sub.op("GreaterOrEqual", a["query_chunk"],
                               sub.const([MASKED_DENSE_MIN_ROWS]))
-                short = sub.op("And", short, tall)
-            out = _if(sub, short, masked_dense, gathered)
+                narrow = sub.op("And", narrow, tall)
+            out = _if(sub, narrow, tile, gathered)
             if keep is None:
                 return out
             best = sub.op("ReduceMax", vals, sub.const([-1]), keepdims=0)       # [B, C]
@@ -575,13 +698,14 @@ def _decode_row(b: _Body, ins: dict, a: dict) -> str:
     lowest = b.const(np.finfo(np.float32).min, dtype=np.float32, hint="lowest")
     scores = b.op("Where", b.op("IsNaN", scores), lowest, scores)  # NaN ranks lowest
     scores = b.op("Where", hidden, b.const(_NEG_INF, np.float32), scores)
+    scores = _reverse(b, scores, -1)
     threshold = b.op("Where", b.op("Greater", a["dense_below"], zero),
                      b.op("Max", a["top_k"], a["dense_below"]), zero)
     seen_keys = b.op("Where", causal, b.op("Min", lk, b.op("Add", q_offset, one)), lk)
     dense_row = b.op("And", b.op("Greater", threshold, zero),
                      b.op("LessOrEqual", seen_keys, threshold))
     kk = b.op("Where", dense_row, lk, b.op("Min", a["top_k"], lk))
-    vals, idx = b.op("TopK", scores, kk, outputs=2, axis=-1, largest=1, sorted=0)
+    vals, idx = _top_k(b, scores, kk)
     valid = b.op("Not", b.op("IsInf", vals, detect_positive=0))                  # [B, K]
     k_rows, v_rows = b.op("Flatten", k, axis=3), b.op("Flatten", v, axis=3)     # [B*Hkv*Lk, D]
     base = b.op("Range", b.const(0), b.scalar(b.dim(k_rows, 0)), b.scalar(lk))   # [B*Hkv]
@@ -686,16 +810,17 @@ def indexer_topk_function(key_mask: bool = False, q_offset: bool = False) -> onn
     trips, padded = _chunk_count(b, lq, a["query_chunk"])
     extra = b.op("Sub", padded, lq)
     qi, wi, k_idx_t = _indexer_inputs(b, "q_idx", "k_idx", "w", zero, lq, extra)
-    key_pos = b.op("Range", b.const(0), b.scalar(lk), b.const(1))
     causal = b.op("Cast", a["causal"], to=TensorProto.BOOL)
     keep = _keep(b, {n: n for n in names})
 
+    newest = _NewestFirst(b, k_idx_t, keep, lk)
+
     body, start, end = _loop_body(b, a["query_chunk"])
     qpos, lk_vis = _chunk_positions(body, lk, a["q_offset"], start, end, causal)
-    hidden = _hidden_keys(body, lk_vis, qpos, causal, key_pos, keep)
-    scores = _index_scores(body, body.slice(qi, start, end, 1), k_idx_t,
-                           body.slice(wi, start, end, 1), lk_vis, hidden)
-    _, idx, valid, kk = _select(body, scores, a["top_k"], lk_vis)
+    kt, kp, keep_vis = newest.visible(body, lk_vis)
+    scores = _index_scores(body, body.slice(qi, start, end, 1), kt, body.slice(wi, start, end, 1),
+                           lk_vis, _hidden_keys(body, kp, qpos, causal, keep_vis))
+    _, idx, valid, kk = _select(body, scores, a["top_k"], lk_vis, newest_first=True)
     # Ascending key order with unused slots last: park invalid slots at Lk, sort, mark -1.
     parked = body.op("Where", valid, idx, lk)
     asc, _ = body.op("TopK", parked, kk, outputs=2, axis=-1, largest=0, sorted=1)
