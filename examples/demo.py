@@ -7,14 +7,19 @@
 Compiles the model with ``torch.compile(..., backend="dsa")`` (its first call, on a text
 block disjoint from the evaluation text, fits the indexers training-free), prints the
 rewrite report, perplexity of dense / DSA / sliding-window attention at the same key
-budget, a passkey retrieval check at about 1.5K and 4K tokens, and timings. Text:
+budget, a passkey retrieval check at about 1.5K and 4K tokens, generation with the KV
+cache and the index-key cache (``model.generate`` on the model whose forward is compiled
+with ``backend="dsa"``, against the same model dense), and timings. Text:
 Python's reference manual (``pydoc_data``), read at run time. Evaluation blocks,
 calibration blocks and the passkey haystack are disjoint parts of it.
 
 DSA perplexity runs the compiled model (calibration updates its indexers in place, so
 the same compiled graph measures the calibrated model). Passkey prompts have other
 lengths; they run the same op with the same indexers through
-dsa_compile.evaluation's SDPA override, which needs no recompile per length.
+dsa_compile.evaluation's SDPA override, which needs no recompile per length. The
+generation section runs Hugging Face ``generate`` (DynamicCache) on the passkey prompts:
+prefill time, decode tokens/s, whether the answer holds the key, and the index-key
+cache's counters (a decode step projects only the new token's index key).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import math
 import time
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import dsa_compile
 from dsa_compile.calibration import calibrate, load_indexers, save_indexers
 from dsa_compile.config import DSAConfig
 from dsa_compile.evaluation import load_causal_lm, passkey, perplexity, token_blocks
+from dsa_compile.evaluation.tasks import passkey_prompt
 from dsa_compile.metrics import selection_recall
 
 EVAL_OFFSET, FIT_OFFSET, CALIB_OFFSET = 0, 4, 5
@@ -65,6 +72,71 @@ def compiled_perplexity(compiled, blocks) -> float:
     return math.exp(total / count)
 
 
+class StepClock(StoppingCriteria):
+    """Records the time after each generated token (generate calls it once per step)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@torch.no_grad()
+def timed_generate(model, prompt, new_tokens: int):
+    """Greedy ``model.generate`` (DynamicCache) of ``new_tokens`` after ``prompt`` [P]:
+    (generated ids [new_tokens], prefill + first token seconds, decode tokens/s)."""
+    clock = StepClock()
+    start = time.perf_counter()
+    out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None],
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+    first, last = clock.times[0], clock.times[-1]
+    rate = (len(clock.times) - 1) / (last - first) if len(clock.times) > 1 else float("nan")
+    return out[0, prompt.numel():], first - start, rate
+
+
+def generation(model, tok, config, lengths, new_tokens: int, label: str) -> None:
+    """Dense vs DSA ``generate`` with caches on the passkey prompts (one needle each, at
+    half depth). DSA compiles the model's forward with backend "dsa" (dynamic shapes,
+    so prompts of any length and every decode step reuse two graphs)."""
+    prompts = [passkey_prompt(tok, n, 0.5, key)
+               for n, key in zip(lengths, ("48213", "70592", "31846", "95127"))]
+    warm = passkey_prompt(tok, 512, 0.5, "11111")[0]
+    dense_forward = model.forward
+    rows = []
+    for name in ("dense", label):
+        if name != "dense":
+            model.forward = torch.compile(dense_forward, backend="dsa", dynamic=True,
+                                          options={"top_k": config.top_k,
+                                                   "dense_below": config.dense_below})
+            dsa_compile.index_key_cache().clear()
+        t0 = time.perf_counter()
+        timed_generate(model, warm, 4)  # compiles (DSA) / warms up (dense)
+        warmup = time.perf_counter() - t0
+        for prompt, answer in prompts:
+            ids, prefill, rate = timed_generate(model, prompt, new_tokens)
+            text = tok.decode(ids)
+            key = tok.decode(answer).strip()
+            rows.append((name, prompt.numel(), prefill, rate, key in text, text))
+        stats = dsa_compile.index_key_cache().stats() if name != "dense" else None
+        print(f"  {name}: warm-up (compile for DSA) {warmup:.1f} s"
+              + (f"; index-key cache {stats['hits']} hits, {stats['misses']} misses, "
+                 f"{stats['rows_projected']} rows re-projected, {stats['bytes'] / 2**20:.1f} MiB"
+                 if stats else ""))
+    model.forward = dense_forward
+    print(f"  {'attention':<22} {'prompt':>7} {'prefill s':>10} {'decode tok/s':>13}  "
+          f"key found  answer")
+    for name, length, prefill, rate, found, text in rows:
+        print(f"  {name:<22} {length:>7} {prefill:>10.1f} {rate:>13.1f}  "
+              f"{'yes' if found else 'no':<9}  {text.strip()[:40]!r}")
+    dense = {r[1]: r[3] for r in rows if r[0] == "dense"}
+    for name, length, _, rate, _, _ in rows:
+        if name != "dense":
+            print(f"  decode at {length} tokens: {label} {rate / dense[length]:.2f}x dense")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="Hugging Face folder or id "
@@ -84,6 +156,9 @@ def main(argv=None) -> None:
     parser.add_argument("--indexers", default=None, help="load indexers from this file")
     parser.add_argument("--save", default=None, help="save the indexers to this file")
     parser.add_argument("--plot", default=None, help="write the recall-by-layer PNG here")
+    parser.add_argument("--new-tokens", type=int, default=16,
+                        help="tokens generated per prompt in the generation section")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generation section")
     parser.add_argument("--oracle", action="store_true",
                         help="also measure the oracle: top_k keys by head-summed dense attention")
     args = parser.parse_args(argv)
@@ -160,6 +235,15 @@ def main(argv=None) -> None:
     if args.save:
         save_indexers(model, args.save)
         print(f"indexers saved to {args.save}")
+
+    if not args.no_generate:
+        print(f"\ngeneration: model.generate, greedy, DynamicCache, {args.new_tokens} new tokens "
+              f"after each passkey prompt (the same model, its forward compiled with "
+              f'backend="dsa" for DSA):')
+        t0 = time.perf_counter()
+        generation(model, tok, config, args.passkey, args.new_tokens,
+                   "DSA calibrated" if args.calibrate else "DSA")
+        timings["generation (dense + DSA)"] = time.perf_counter() - t0
 
     print("\npasskey answers that are not exactly the key (key: greedy answer):")
     for where, wrong in misses.items():
