@@ -12,14 +12,18 @@ problem's inputs between steps:
 - dense:  F.scaled_dot_product_attention(q, k, v, enable_gqa=True), Lq=1 over the cache
 - naive:  einsum scores over the cached index keys, torch.topk, gather, SDPA
 - dsa:    dsa_compile.kernels.decode.decode_attention
-- stages of dsa: scores (the score kernel, with the level-1 histogram), topk (measured
-  as scores+topk minus scores: 2 radix levels, count, write), attn+combine (split-K
-  attention and the log-sum-exp merge)
+- dsa8:   the same step reading an FP8 index-key cache (packed e4m3 keys + a float32
+  scale per token, d_I + 4 bytes instead of 2 d_I; reference/index_keys.py)
+- stages of dsa: scores (the score kernel, with the level-1 histogram; scores8 on the
+  packed FP8 keys), topk (measured as scores+topk minus scores: 2 radix levels, count,
+  write), attn+c (split-K attention with the log-sum-exp merge in its last program per
+  KV head, decode.FUSED_COMBINE) and unfused (the same with the merge as a second launch)
 
 Floors are bytes / the copy bandwidth measured in the same run (a large device-to-device
 copy, bytes read + written): dense = the K/V cache; dsa = the index keys + top_k rows
-of K and V per KV head. The correctness check of decode_attention against the reference
-runs first on a small shape; the script refuses to time anything if it fails.
+of K and V per KV head (floor_s8: with the packed FP8 keys). The correctness check of
+decode_attention (both key formats) against the reference runs first on a small shape;
+the script refuses to time anything if it fails.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dsa_compile import reference  # noqa: E402
 from dsa_compile.kernels import decode  # noqa: E402
+from dsa_compile.reference.index_keys import pack_index_keys  # noqa: E402
 
 HQ, HKV, D, H_I, TOP_K = 32, 8, 128, 8, 2048
 DT = torch.bfloat16
@@ -86,7 +91,7 @@ def graph_ms(fns, budget_s=0.25) -> float:
 
 
 def make_inputs(b, length, d_i):
-    return dict(
+    x = dict(
         q=torch.randn(b, HQ, 1, D, device="cuda", dtype=DT),
         k=torch.randn(b, HKV, length, D, device="cuda", dtype=DT),
         v=torch.randn(b, HKV, length, D, device="cuda", dtype=DT),
@@ -95,6 +100,8 @@ def make_inputs(b, length, d_i):
         w=torch.rand(b, 1, H_I, device="cuda", dtype=DT),
         q_pos=torch.full((b, 1), length - 1, dtype=torch.int32, device="cuda"),
     )
+    x["k_idx8"] = pack_index_keys(x["k_idx"])
+    return x
 
 
 def dense_step(x):
@@ -114,12 +121,12 @@ def naive_step(x, top_k=TOP_K):
     return F.scaled_dot_product_attention(x["q"], kg, vg, scale=D ** -0.5, enable_gqa=True)
 
 
-def dsa_step(x, scratch, top_k=TOP_K):
-    return decode.decode_attention(x["q"], x["k"], x["v"], x["q_idx"], x["k_idx"], x["w"],
+def dsa_step(x, scratch, top_k=TOP_K, keys="k_idx"):
+    return decode.decode_attention(x["q"], x["k"], x["v"], x["q_idx"], x[keys], x["w"],
                                    top_k, D ** -0.5, x["q_pos"], scratch=scratch)
 
 
-def stage_fns(x, s, top_k=TOP_K, config=None):
+def stage_fns(x, s, top_k=TOP_K, config=None, keys="k_idx"):
     """Stages of dsa_step on its scratch ``s`` as callables: the score kernel alone, the
     score kernel + top-k (top-k needs the score kernel's histograms, and clears them),
     and the attention + combine."""
@@ -127,7 +134,7 @@ def stage_fns(x, s, top_k=TOP_K, config=None):
     idx = s.indices.view(b, 1, top_k)
 
     def scores():
-        decode.decode_index_scores(x["q_idx"], x["k_idx"], x["w"], x["q_pos"],
+        decode.decode_index_scores(x["q_idx"], x[keys], x["w"], x["q_pos"],
                                    hist=s.topk.hist, row_len=s.row_len, out=s.scores,
                                    config=config)
 
@@ -135,11 +142,12 @@ def stage_fns(x, s, top_k=TOP_K, config=None):
         scores()
         decode.decode_topk(s.scores, top_k, s.row_len, s.topk, hist_ready=True, out=idx)
 
-    def attn_and_combine():
+    def attn_and_combine(fused=None):
         decode.decode_sparse_attention(x["q"], x["k"], x["v"], s.indices, D ** -0.5,
-                                       scratch=s.attn)
+                                       scratch=s.attn, fused=fused)
 
-    return {"scores": scores, "scores+topk": scores_topk, "attn+combine": attn_and_combine}
+    return {"scores": scores, "scores+topk": scores_topk, "attn+combine": attn_and_combine,
+            "attn+combine unfused": lambda: attn_and_combine(False)}
 
 
 def check(d_i) -> bool:
@@ -151,21 +159,29 @@ def check(d_i) -> bool:
         x = make_inputs(b, length, d_i)
         x["q_pos"] = torch.tensor([[length - 1 - 997 * i] for i in range(b)],
                                   dtype=torch.int32, device="cuda")
-        out = dsa_step(x, None, top_k)
-        for i in range(b):
-            sl = slice(i, i + 1)
-            pos = int(x["q_pos"][i, 0])
-            idx = reference.indexer_topk(x["q_idx"][sl], x["k_idx"][sl], x["w"][sl], top_k, pos)
-            ref, _ = reference.sparse_attention(x["q"][sl], x["k"][sl], x["v"][sl],
-                                                idx[:, None], D ** -0.5)
-            if top_k >= pos + 1:
-                ref, _ = reference.dense_attention(x["q"][sl], x["k"][sl], x["v"][sl],
-                                                   D ** -0.5, True, pos)
-            err = float((out[i].float() - ref[0].float()).norm() / ref[0].float().norm())
-            good = err < 2e-2 and not out[i].isnan().any()
-            print(f"check B={b} L={length} seq {i} pos {pos}: rel err {err:.2e} "
-                  f"{'ok' if good else 'FAILED'}")
-            ok &= good
+        for keys in ("k_idx", "k_idx8"):
+            ok &= _check_one(x, b, length, top_k, keys)
+    return ok
+
+
+def _check_one(x, b, length, top_k, keys) -> bool:
+    """One decode step vs the reference, reading index keys ``x[keys]``."""
+    ok = True
+    out = dsa_step(x, None, top_k, keys)
+    for i in range(b):
+        sl = slice(i, i + 1)
+        pos = int(x["q_pos"][i, 0])
+        idx = reference.indexer_topk(x["q_idx"][sl], x[keys][sl], x["w"][sl], top_k, pos)
+        ref, _ = reference.sparse_attention(x["q"][sl], x["k"][sl], x["v"][sl],
+                                            idx[:, None], D ** -0.5)
+        if top_k >= pos + 1:
+            ref, _ = reference.dense_attention(x["q"][sl], x["k"][sl], x["v"][sl],
+                                               D ** -0.5, True, pos)
+        err = float((out[i].float() - ref[0].float()).norm() / ref[0].float().norm())
+        good = err < 2e-2 and not out[i].isnan().any()
+        print(f"check {keys} B={b} L={length} seq {i} pos {pos}: rel err {err:.2e} "
+              f"{'ok' if good else 'FAILED'}")
+        ok &= good
     return ok
 
 
@@ -188,9 +204,10 @@ def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (2 GiB device-to-device, read + write)")
     rows = []
-    header = (f"{'L':>7} {'B':>3} {'dense':>8} {'naive':>8} {'dsa':>8} {'floor_d':>8} "
-              f"{'floor_s':>8} {'dsa/dense':>9} {'naive/dense':>11} {'scores':>7} "
-              f"{'topk':>7} {'attn+c':>7}")
+    header = (f"{'L':>7} {'B':>3} {'dense':>8} {'naive':>8} {'dsa':>8} {'dsa8':>8} "
+              f"{'floor_d':>8} {'floor_s':>8} {'floor_s8':>8} {'dsa/dense':>9} "
+              f"{'dsa8/dense':>10} {'naive/dense':>11} {'scores':>7} {'scores8':>7} "
+              f"{'topk':>7} {'attn+c':>7} {'unfused':>7}")
     lines = []
     for length in [int(s) for s in a.lengths.split(",")]:
         for b in [int(s) for s in a.batches.split(",")]:
@@ -211,25 +228,37 @@ def main():
             t_dense = graph_ms([lambda x=x: dense_step(x) for x in xs])
             t_naive = graph_ms([lambda x=x: naive_step(x) for x in xs])
             t_dsa = graph_ms([lambda x=x, s=s: dsa_step(x, s) for x, s in zip(xs, scratches)])
+            t_dsa8 = graph_ms([lambda x=x, s=s: dsa_step(x, s, keys="k_idx8")
+                               for x, s in zip(xs, scratches)])
             stages = {}
             fns = [stage_fns(x, s) for x, s in zip(xs, scratches)]
-            for name in ("scores+topk", "attn+combine", "scores"):  # scores last: it
+            for name in ("scores+topk", "attn+combine", "attn+combine unfused",
+                         "scores"):  # scores last: it
                 stages[name] = graph_ms([f[name] for f in fns])  # leaves hist dirty
+            for s in scratches:
+                s.topk.hist.zero_()
+            stages["scores8"] = graph_ms([stage_fns(x, s, keys="k_idx8")["scores"]
+                                          for x, s in zip(xs, scratches)])
             for s in scratches:
                 s.topk.hist.zero_()
             stages["topk"] = stages["scores+topk"] - stages["scores"]
             floor_d = kv_bytes / bw * 1e3
             dsa_bytes = b * length * d_i * 2 + 2 * b * HKV * min(TOP_K, length) * D * 2
             floor_s = dsa_bytes / bw * 1e3
+            floor_s8 = (dsa_bytes - b * length * (d_i * 2 - (d_i + 4))) / bw * 1e3
             row = dict(L=length, B=b, d_index=d_i, dense_ms=t_dense, naive_ms=t_naive,
-                       dsa_ms=t_dsa, floor_dense_ms=floor_d, floor_dsa_ms=floor_s,
-                       dense_over_dsa=t_dense / t_dsa, dense_over_naive=t_dense / t_naive,
+                       dsa_ms=t_dsa, dsa8_ms=t_dsa8, floor_dense_ms=floor_d,
+                       floor_dsa_ms=floor_s, floor_dsa8_ms=floor_s8,
+                       dense_over_dsa=t_dense / t_dsa, dense_over_dsa8=t_dense / t_dsa8,
+                       dense_over_naive=t_dense / t_naive,
                        **{f"{k}_ms": v for k, v in stages.items()}, input_sets=n_sets)
             rows.append(row)
             line = (f"{length:>7} {b:>3} {t_dense:8.4f} {t_naive:8.4f} {t_dsa:8.4f} "
-                    f"{floor_d:8.4f} {floor_s:8.4f} {t_dense / t_dsa:8.2f}x "
-                    f"{t_dense / t_naive:10.2f}x {stages['scores']:7.4f} {stages['topk']:7.4f} "
-                    f"{stages['attn+combine']:7.4f}")
+                    f"{t_dsa8:8.4f} {floor_d:8.4f} {floor_s:8.4f} {floor_s8:8.4f} "
+                    f"{t_dense / t_dsa:8.2f}x {t_dense / t_dsa8:9.2f}x "
+                    f"{t_dense / t_naive:10.2f}x {stages['scores']:7.4f} "
+                    f"{stages['scores8']:7.4f} {stages['topk']:7.4f} "
+                    f"{stages['attn+combine']:7.4f} {stages['attn+combine unfused']:7.4f}")
             print(line, flush=True)
             lines.append(line)
             if a.tune and length == max(int(s) for s in a.lengths.split(",")) and b in (1, 8):

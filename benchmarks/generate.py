@@ -15,8 +15,10 @@ cache_position); tokens/s = B * steps / time. Methods: ``inductor`` =
 heads of a group folded into the query axis (no K/V copy: the strongest dense decode
 Hugging Face models can be given without new kernels); ``dsa`` = ``torch.compile(forward,
 backend="dsa", options={"top_k": 2048, "mode": "reduce-overhead"})`` (CUDA graphs on
-both; ``--no-cudagraphs`` for neither). The index-key cache is on: the first compiled
-step projects the context's index keys once (a miss per layer), later steps hit.
+both; ``--no-cudagraphs`` for neither); ``dsa_fp8`` = the same with
+``index_cache_fp8=True`` (the index-key cache as packed e4m3 keys + a scale per token).
+The index-key cache is on: the first compiled step projects the context's index keys
+once (a miss per layer), later steps hit.
 
 Context: by default the cache's K/V buffers are filled with random values (a real
 prefill of 128K tokens through an 8B model costs minutes and does not change a decode
@@ -224,9 +226,12 @@ def main() -> None:
     register_folded()
     print(f"sdpa_folded vs sdpa, eager logits max |diff| {check_folded(model):.2e}")
     methods = {"inductor": dict(mode), "inductor_gqa": dict(mode),
-               "dsa": {"backend": "dsa", "options": {"top_k": top_k, **mode}}}
+               "dsa": {"backend": "dsa", "options": {"top_k": top_k, **mode}},
+               "dsa_fp8": {"backend": "dsa", "options": {"top_k": top_k,
+                                                         "index_cache_fp8": True, **mode}}}
     if DEV == "cpu":  # the reference ops: sparse from the first key past top_k
         methods["dsa"]["options"]["dense_below"] = 0
+        methods["dsa_fp8"]["options"]["dense_below"] = 0
         methods["dsa_nocache"] = {"backend": "dsa", "options": {
             "top_k": top_k, "dense_below": 0, "index_cache": False}}
     if args.methods:

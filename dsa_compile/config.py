@@ -71,6 +71,11 @@ class DSAConfig:
             write projects only the new tokens' index keys and reads the others from an
             index-key cache (:mod:`dsa_compile.passes.index_cache`); ``False`` projects
             every key on every call (same result, slower decode).
+        index_cache_fp8: store that cache as packed FP8 keys (e4m3 values and one float32
+            scale per token, d_I + 4 bytes instead of 2 d_I in bf16: DeepSeek's 132 B at
+            d_I = 128), which a decode step reads instead of the bf16 keys. Selections
+            are then exact for the dequantised keys. Any device; needs d_I % 4 == 0 (a
+            site with another width keeps a bf16 cache).
 
     Raises ValueError naming the field for a wrong type or range (ints must be ints, not
     bools; softcap finite).
@@ -86,6 +91,7 @@ class DSAConfig:
     min_keys: int = 0
     index_fp8: bool = False
     index_cache: bool = True
+    index_cache_fp8: bool = False
 
     def __post_init__(self) -> None:
         # bool is an int subclass: top_k=True would silently mean top_k=1.
@@ -100,7 +106,7 @@ class DSAConfig:
                 or not math.isfinite(softcap) or softcap < 0):
             raise ValueError(f"DSAConfig.softcap must be a finite number >= 0 (0 = off), "
                              f"got {softcap!r}")
-        for flag in ("index_fp8", "index_cache"):
+        for flag in ("index_fp8", "index_cache", "index_cache_fp8"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"DSAConfig.{flag} must be True or False, got "
                                  f"{getattr(self, flag)!r}")

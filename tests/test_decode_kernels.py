@@ -221,6 +221,27 @@ def test_decode_sparse_attention_matches_reference(case):
     torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=4 * TOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-combine", "combine-kernel"])
+def test_decode_sparse_attention_merge_forms_and_scratch_reuse(fused):
+    """The merge inside the attention kernel (last program per KV head, a ticket per
+    head) and the separate combine kernel give the reference; a reused scratch (a CUDA
+    graph replay) gets its tickets back at zero."""
+    b, hq, hkv, lq, lk, d, top_k, g, dtype, softcap, splits = ATTN_CASES["gqa4-d64-lq2-per-head"]
+    scratch = decode.AttentionScratch.allocate(b, hq, lq, d, splits, DEVICE, hkv)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        q = torch.randn(b, hq, lq, d, device=DEVICE)
+        k = torch.randn(b, hkv, lk, d, device=DEVICE)
+        v = torch.randn(b, hkv, lk, d, device=DEVICE)
+        idx = random_indices(b, g, lq, lk, top_k).to(DEVICE)
+        out, lse = decode.decode_sparse_attention(q, k, v, idx, 0.2, scratch=scratch,
+                                                  fused=fused)
+        ref_out, ref_lse = reference.sparse_attention(q, k, v, idx, 0.2)
+        assert not out.isnan().any() and rel_err(out, ref_out) < TOL[dtype]
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        assert not scratch.ticket.any()
+
+
 # --- 4. the whole step ----------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from test_hf import CACHES, _compile, _padded_batch
 from dsa_compile import DSAConfig, index_key_cache
 from dsa_compile.backends import dynamo
 from dsa_compile.backends.index_cache import IndexKeyStore
-from dsa_compile.indexer import Indexer
+from dsa_compile.indexer import Indexer, default_index_shape
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -158,3 +158,62 @@ def test_index_cache_option_is_validated():
     with pytest.raises(ValueError, match="index_cache must be True or False"):
         DSAConfig(index_cache=1)
     assert DSAConfig.from_options({"index_cache": False}).index_cache is False
+
+
+# --- the FP8 index-key cache (DSAConfig.index_cache_fp8) ----------------------------------
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_fp8_cache_with_every_key_selected_equals_dense(cache):
+    inputs = _padded_batch()
+    model = tiny_lm("llama", "sdpa")
+    want, _ = _generate(model, inputs, cache)  # not compiled: the dense model
+    _compile(model, {"top_k": 64, "dense_below": 0, "index_cache_fp8": True})
+    got, stats = _generate(model, inputs, cache)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    records = dynamo.DEFAULT.last.sites
+    assert records and all(r.index_cache == f"{cache} fp8" for r in records)
+    assert stats["hits"] == len(records) * (STEPS - 1) and stats["misses"] == 0
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_fp8_cache_selects_by_the_dequantised_keys(monkeypatch, cache):
+    """Small top_k: the FP8-cached model decodes what an uncached model whose index keys
+    are rounded through the FP8 format decodes, from a cache of d_I + 4 bytes per token
+    (a quarter of the float32 mirror's 4 d_I, plus the scale)."""
+    from dsa_compile.reference.index_keys import dequantize_index_keys
+
+    inputs = _padded_batch()
+    model = tiny_lm("llama", "sdpa")
+    _compile(model, {**SPARSE, "index_cache_fp8": True})
+    got, stats = _generate(model, inputs, cache)
+    model = tiny_lm("llama", "sdpa")
+    _compile(model, {**SPARSE, "index_cache": True})
+    _, fp32_stats = _generate(model, inputs, cache)
+
+    real = Indexer.project_keys
+
+    def rounded(self, k):
+        packed = torch.ops.dsa.pack_index_keys(real(self, k))
+        return dequantize_index_keys(packed).to(k.dtype)
+
+    monkeypatch.setattr(Indexer, "project_keys", rounded)
+    model = tiny_lm("llama", "sdpa")
+    _compile(model, {**SPARSE, "index_cache": False})
+    want, _ = _generate(model, inputs, cache)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    c = model.config
+    _, d_i = default_index_shape(c.num_attention_heads, c.num_key_value_heads,
+                                 c.hidden_size // c.num_attention_heads)
+    if cache == "static":  # fixed buffers (a dynamic cache's live tensors vary with gc)
+        assert stats["bytes"] * 4 * d_i == fp32_stats["bytes"] * (d_i + 4)
+    assert 0 < stats["bytes"] < fp32_stats["bytes"]
+
+
+def test_fp8_cache_option_is_validated():
+    with pytest.raises(ValueError, match="index_cache_fp8 must be True or False"):
+        DSAConfig(index_cache_fp8="yes")

@@ -230,7 +230,7 @@ def _plan_index_cache(gm: fx.GraphModule, config: DSAConfig, report: Report):
     if not config.index_cache or torch.is_grad_enabled():
         return None
     work = _copy(gm)
-    plan = thread_index_cache(work)
+    plan = thread_index_cache(work, fp8=config.index_cache_fp8)
     if not plan.sites:
         return None
     for r in report.sites:

@@ -23,6 +23,8 @@ import weakref
 
 import torch
 
+from dsa_compile.reference.index_keys import pack_index_keys
+
 
 @dataclasses.dataclass
 class _Entry:
@@ -41,7 +43,8 @@ class IndexKeyStore:
         self.hits = self.misses = self.rows_projected = 0
 
     def lookup(self, k: torch.Tensor, indexer, dtype: torch.dtype) -> torch.Tensor:
-        """The index keys [B, L, d_I] of ``k`` [B, Hkv, L, D], projected now on a miss."""
+        """The index keys [B, L, d_I] of ``k`` [B, Hkv, L, D] (packed uint8 [B, L, d_I + 4]
+        when ``dtype`` is uint8), projected now on a miss."""
         e = self._entries.get((id(k), id(indexer)))
         if (e is not None and e.ref() is k and e.version == k._version
                 and e.mirror.dtype == dtype
@@ -51,7 +54,9 @@ class IndexKeyStore:
         self.misses += 1
         self.rows_projected += k.shape[0] * k.shape[2]
         with torch.no_grad():
-            fresh = indexer.project_keys(k).to(dtype)
+            fresh = indexer.project_keys(k)
+            # uint8: the site keeps packed FP8 keys (reference/index_keys.py).
+            fresh = pack_index_keys(fresh) if dtype == torch.uint8 else fresh.to(dtype)
             if (e is not None and e.ref() is k and e.mirror.dtype == dtype
                     and e.mirror.shape == fresh.shape):
                 # Same cache tensor (a reset, a reorder in place): keep the mirror's

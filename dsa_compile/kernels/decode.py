@@ -50,6 +50,7 @@ from dsa_compile.kernels.common import (
     online_softmax_step,
     tanh,
 )
+from dsa_compile.reference.index_keys import is_packed, unpack_index_keys
 
 # False (reference.select_topk since f4b666e): a NaN score of a visible key ranks as
 # the lowest finite score (-FLT_MAX) and is written like any other key. True: NaN ranks
@@ -120,9 +121,9 @@ def _load_keys(s_row, start, n, BLOCK: tl.constexpr, NAN_HIGH: tl.constexpr):
 
 @triton.jit
 def decode_scores_kernel(
-    QI, KI, W, QPOS, KM, OUT, HIST, ROWLEN,
+    QI, KI, KS, W, QPOS, KM, OUT, HIST, ROWLEN,
     stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_ks,
+    stride_kb, stride_ks, stride_sb, stride_ss,
     stride_wb, stride_wt, stride_wh,
     stride_mb,
     stride_ob, stride_ot,
@@ -130,10 +131,12 @@ def decode_scores_kernel(
     LQ: tl.constexpr, BLOCK_T: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
     HAS_MASK: tl.constexpr, WITH_HIST: tl.constexpr, NAN_HIGH: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):
     """Scores of TILES blocks of BLOCK_N keys for all Lq queries of sequence b; with
-    WITH_HIST also the level-1 radix histogram of each row and (program 0) ROWLEN."""
+    WITH_HIST also the level-1 radix histogram of each row and (program 0) ROWLEN.
+    KEY_SCALE: KI holds e4m3 keys (packed rows, stride_ks bytes apart), read as such and
+    widened in registers; each key's score is multiplied by its scale KS."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -167,8 +170,15 @@ def decode_scores_kernel(
         kt = tl.load(KI + b * stride_kb + offs_n[None, :].to(tl.int64) * stride_ks
                      + offs_d[:, None],
                      mask=load_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BD, BN]
+        if KEY_SCALE:
+            kt = kt.to(q.dtype)  # e4m3 values are exact in bf16 / fp16 / fp32
         s = tl.maximum(dot(q, kt, IEEE, UPCAST), 0.0) * w[:, None]  # [M, BN]
         acc = tl.sum(tl.reshape(s, [BLOCK_T, BLOCK_H, BLOCK_N]), 1)  # [BT, BN]
+        if KEY_SCALE:
+            # The per-key scale is positive: it commutes with the ReLU and the head sum.
+            ks = tl.load(KS + b * stride_sb + offs_n.to(tl.int64) * stride_ss, mask=load_ok,
+                         other=0.0)
+            acc *= ks[None, :]
         # + 0.0 turns a -0.0 sum into +0.0, so equal scores compare equal bit for bit.
         scores = tl.where(visible, acc + 0.0, float("-inf"))
         o_ptrs = OUT + b * stride_ob + offs_t[:, None] * stride_ot + offs_n[None, :]
@@ -203,7 +213,8 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_le
     Args:
         q_idx: [B, Lq, H_I, d_I]; k_idx: [B, Lk, d_I] (the index-key cache); w:
             [B, Lq, H_I]; float32 or bfloat16 (fp16 works too), last dimension
-            contiguous. Lq <= 16.
+            contiguous. Lq <= 16. k_idx may be packed FP8 keys, uint8 [B, Lk, d_I + 4]
+            (reference/index_keys.py): d_I + 4 bytes read per key instead of 2 d_I.
         q_pos: int32 [B, Lq], absolute position of each query: key s is visible to
             query t of sequence b iff s <= q_pos[b, t] (and key_mask[b, s]).
         key_mask: optional bool [B, Lk], False for keys that do not exist (padding).
@@ -237,11 +248,14 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_le
     block_n, tiles = (32, 2) if INTERPRET else (cfg["block_n"], cfg["tiles"])
     if hist is not None and row_len is None:
         raise ValueError("decode_index_scores: hist needs row_len")
+    packed = is_packed(k_idx)
+    # Packed FP8 keys: the kernel reads the e4m3 bytes and the scales in place.
+    keys, k_scale = unpack_index_keys(k_idx) if packed else (k_idx, out[:, 0])
     decode_scores_kernel[(triton.cdiv(lk, block_n * tiles), b)](
-        q_idx, k_idx, w, q_pos, km, out, hist if hist is not None else out,
+        q_idx, keys, k_scale, w, q_pos, km, out, hist if hist is not None else out,
         row_len if row_len is not None else q_pos,
         q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
-        k_idx.stride(0), k_idx.stride(1),
+        keys.stride(0), keys.stride(1), k_scale.stride(0), k_scale.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         km.stride(0) if key_mask is not None else 0,
         out.stride(0), out.stride(1),
@@ -252,6 +266,7 @@ def decode_index_scores(q_idx, k_idx, w, q_pos, key_mask=None, hist=None, row_le
         NAN_HIGH=NAN_RANKS_HIGHEST_DROPPED,
         IEEE=q_idx.dtype == torch.float32,
         UPCAST=INTERPRET and q_idx.dtype == torch.bfloat16,
+        KEY_SCALE=packed,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -545,19 +560,24 @@ def decode_topk(scores: torch.Tensor, top_k: int, row_len: torch.Tensor | None =
 
 @triton.jit
 def decode_attention_kernel(
-    Q, K, V, IDX, OP, LP,
+    Q, K, V, IDX, OP, LP, OUT, LSE, TICKET,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ib, stride_ig, stride_it,
+    stride_ob, stride_oh, stride_ot,
     HKV, TOPK, chunk, scale, softcap,
     LQ: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PER_HEAD_INDICES: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, FUSED: tl.constexpr,
 ):
     """Partial attention of slots [split * chunk, (split + 1) * chunk) for one KV head:
-    OP [B, Hq, Lq, splits, DV] float32 (normalised) and LP [B, Hq, Lq, splits] (lse)."""
+    OP [B, Hq, Lq, splits, DV] float32 (normalised) and LP [B, Hq, Lq, splits] (lse).
+
+    FUSED: the program that finishes last for its (b, KV head) -- counted in TICKET
+    [B * Hkv], zero between steps -- merges that head's splits into OUT / LSE (what
+    :func:`decode_combine_kernel` does, without a launch of its own)."""
     split = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -602,6 +622,39 @@ def decode_attention_kernel(
         tl.store(OP + prow[:, None] * DV + offs_dv[None, :], out,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV))
         tl.store(LP + prow, lse, mask=row_ok)
+    if FUSED:
+        # Every thread's partial stores precede the ticket (barrier), which releases
+        # them at GPU scope; the last program acquires them and reads past L1 (.cg).
+        tl.debug_barrier()
+        ticket = TICKET + b * HKV + g
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == splits - 1:
+            tl.debug_barrier()
+            for t in range(LQ):
+                prow = ((b * HKV * R + heads) * LQ + t) * splits  # [BR], split 0
+                m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+                for sp in range(splits):
+                    m = tl.maximum(m, tl.load(LP + prow + sp, mask=row_ok,
+                                              other=float("-inf"), cache_modifier=".cg"))
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
+                total = tl.zeros([BLOCK_R], tl.float32)
+                acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+                for sp in range(splits):
+                    wgt = tl.exp(tl.load(LP + prow + sp, mask=row_ok, other=float("-inf"),
+                                         cache_modifier=".cg") - m_safe)  # 0: empty split
+                    part = tl.load(OP + (prow + sp)[:, None] * DV + offs_dv[None, :],
+                                   mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+                                   cache_modifier=".cg")
+                    total += wgt
+                    acc += part * wgt[:, None]
+                res = acc / tl.where(total > 0, total, 1.0)[:, None]
+                o_ptrs = (OUT + b * stride_ob + heads[:, None] * stride_oh + t * stride_ot
+                          + offs_dv[None, :])
+                tl.store(o_ptrs, res.to(OUT.dtype.element_ty),
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+                row = (b * HKV * R + heads) * LQ + t
+                tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(
+                    tl.where(total > 0, total, 1.0)), float("-inf")), mask=row_ok)
+            tl.atomic_xchg(ticket, 0, sem="relaxed")  # ready for the next step / replay
 
 
 @triton.jit
@@ -631,6 +684,12 @@ def decode_combine_kernel(OP, LP, OUT, LSE, stride_ob, stride_oh, stride_ot, HQ,
                                  float("-inf")))
 
 
+# The split-K merge inside the attention kernel (its last program per KV head) instead
+# of decode_combine_kernel's launch: one dependent launch fewer per step. Not yet timed
+# on a GPU against the two-launch form (benchmarks/decode.py prints both).
+FUSED_COMBINE = True
+
+
 def attention_splits(batch: int, hkv: int, top_k: int) -> int:
     """Splits of the selected keys so that B * Hkv * splits programs fill the GPU."""
     if INTERPRET:
@@ -647,17 +706,19 @@ class AttentionScratch:
 
     out: torch.Tensor
     lse: torch.Tensor
+    ticket: torch.Tensor  # int32 [B * Hkv], zeros: programs done per (b, KV head)
 
     @staticmethod
-    def allocate(b, hq, lq, dv, splits, device) -> AttentionScratch:
+    def allocate(b, hq, lq, dv, splits, device, hkv=None) -> AttentionScratch:
         return AttentionScratch(
             out=_empty((b, hq, lq, splits, dv), torch.float32, device),
             lse=_empty((b, hq, lq, splits), torch.float32, device),
+            ticket=torch.zeros(b * (hkv or hq), dtype=torch.int32, device=device),
         )
 
 
 def decode_sparse_attention(q, k, v, indices, scale, softcap=0.0, splits=None,
-                            scratch: AttentionScratch | None = None):
+                            scratch: AttentionScratch | None = None, fused: bool | None = None):
     """Sparse attention of a few queries per sequence, split over the selected keys.
 
     Args:
@@ -668,6 +729,8 @@ def decode_sparse_attention(q, k, v, indices, scale, softcap=0.0, splits=None,
         scale: multiplier of q . k. softcap: if > 0, s -> softcap * tanh(s / softcap).
         splits: slices of the top_k slots (default: enough programs for the GPU).
         scratch: an :class:`AttentionScratch` of matching shape (allocated if None).
+        fused: merge the splits inside the attention kernel (its last program per KV
+            head) instead of a second launch; None = :data:`FUSED_COMBINE`.
 
     Returns:
         (out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] float32); a query with no
@@ -687,29 +750,35 @@ def decode_sparse_attention(q, k, v, indices, scale, softcap=0.0, splits=None,
         return out, lse
     if scratch is None:
         splits = splits or attention_splits(b, hkv, top_k)
-        scratch = AttentionScratch.allocate(b, hq, lq, dv, splits, q.device)
+        scratch = AttentionScratch.allocate(b, hq, lq, dv, splits, q.device, hkv)
     splits = scratch.lse.shape[-1]
     chunk = triton.cdiv(top_k, splits)
     block_n = 16 if INTERPRET else min(64, max(16, triton.next_power_of_2(chunk)))
+    fused = FUSED_COMBINE if fused is None else fused
+    if fused and scratch.ticket.numel() < b * hkv:
+        raise ValueError("decode_sparse_attention: scratch.ticket needs B * Hkv entries "
+                         "(AttentionScratch.allocate(..., hkv=Hkv))")
     decode_attention_kernel[(splits, hkv, b)](
-        q, k, v, indices, scratch.out, scratch.lse,
+        q, k, v, indices, scratch.out, scratch.lse, out, lse, scratch.ticket,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         hkv, top_k, chunk, float(scale), float(softcap) if softcap > 0 else 1.0,
         LQ=lq, R=r, BLOCK_R=max(16, triton.next_power_of_2(r)),
         D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         PER_HEAD_INDICES=g > 1, SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32,
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16, BLOCK_N=block_n,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16, BLOCK_N=block_n, FUSED=fused,
         num_warps=4, num_stages=2,
     )
-    decode_combine_kernel[(b * hq * lq,)](
-        scratch.out, scratch.lse, out, lse, out.stride(0), out.stride(1), out.stride(2), hq,
-        LQ=lq, SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), num_warps=4,
-    )
+    if not fused:
+        decode_combine_kernel[(b * hq * lq,)](
+            scratch.out, scratch.lse, out, lse, out.stride(0), out.stride(1), out.stride(2),
+            hq, LQ=lq, SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)), num_warps=4,
+        )
     return out, lse
 
 
@@ -740,7 +809,7 @@ class DecodeScratch:
             indices=_empty((b, 1, lq, top_k), torch.int32, dev),
             row_len=_empty((b * lq,), torch.int32, dev),
             topk=TopkScratch.allocate(b * lq, lk, dev),
-            attn=AttentionScratch.allocate(b, hq, lq, v.shape[-1], splits, dev),
+            attn=AttentionScratch.allocate(b, hq, lq, v.shape[-1], splits, dev, k.shape[1]),
         )
 
 
@@ -754,7 +823,8 @@ def decode_attention(q, k, v, q_idx, k_idx, w, top_k, scale, q_pos, key_mask=Non
             verification); k: [B, Hkv, Lk, D], v: [B, Hkv, Lk, Dv]: the KV cache (Lk its
             capacity; keys past each query's position are never read).
         q_idx: [B, Lq, H_I, d_I], w: [B, Lq, H_I]: the indexer's queries and head weights;
-            k_idx: [B, Lk, d_I]: the cache of index keys (float32 or bfloat16).
+            k_idx: [B, Lk, d_I]: the cache of index keys (float32 or bfloat16), or
+            packed FP8 keys uint8 [B, Lk, d_I + 4] (reference/index_keys.py).
         top_k: keys per query (> 0); with fewer visible keys all are taken.
         scale: multiplier of q . k. softcap: optional logit soft-cap (0 = off).
         q_pos: int [B, Lq]: absolute position of each query; query t of sequence b sees

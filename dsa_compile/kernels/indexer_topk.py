@@ -29,6 +29,7 @@ import triton.language as tl
 from dsa_compile.kernels import stream_topk
 from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
 from dsa_compile.kernels.select_topk import FLOAT32_LOWEST, _ordered_key, select_topk_rows
+from dsa_compile.reference.index_keys import is_packed, unpack_index_keys
 
 # Float32 scores kept per chunk of query rows (bytes); bounds the selection's memory.
 CHUNK_BYTES = 1 << 30
@@ -274,7 +275,8 @@ def indexer_topk(
 
     Args:
         q_idx: [B, Lq, H_I, d_I]; k_idx: [B, Lk, d_I]; w: [B, Lq, H_I]; float32/bf16/fp16,
-            any strides with the last dimension contiguous.
+            any strides with the last dimension contiguous. k_idx may also be packed FP8
+            keys, uint8 [B, Lk, d_I + 4] (reference/index_keys.py).
         top_k: slots per query (> 0). q_offset: absolute position of query 0.
         causal: query t sees keys s <= q_offset + t. key_mask: optional bool [B, Lk].
         fp8: score with float8 e4m3 q_I and k_I (per-row scales, as DeepSeek's indexer)
@@ -299,7 +301,18 @@ def indexer_topk(
         if t.stride(-1) != 1:
             raise ValueError(f"indexer_topk: {name} must be contiguous in its last dimension")
     k_scale = None
-    if fp8:
+    if is_packed(k_idx):
+        # Packed FP8 keys (reference/index_keys.py): e4m3 values are exact in bf16 / fp16
+        # / fp32, and the per-key scale multiplies each key's score in the kernel.
+        k8, k_scale = unpack_index_keys(k_idx)
+        k_scale = k_scale.float().contiguous()
+        if fp8:
+            q_idx, q_scale = quantize_fp8(q_idx)
+            w = w.float() * q_scale
+            k_idx = k8.contiguous()
+        else:
+            k_idx = k8.to(q_idx.dtype)
+    elif fp8:
         # Scales are positive, so ReLU(q . k) * w = ReLU(q8 . k8) * (w * q_scale) * k_scale.
         q_idx, q_scale = quantize_fp8(q_idx)
         k_idx, k_scale = quantize_fp8(k_idx)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from dsa_compile.reference.index_keys import is_packed, packed_width
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -74,16 +76,22 @@ def check_same_device_groups(op: str, *groups: dict[str, torch.Tensor | None]) -
 
 def check_indexer_args(op, q_idx, k_idx, w, top_k, q_offset, key_mask) -> None:
     check_tensor(op, "q_idx", q_idx, 4)
-    check_tensor(op, "k_idx", k_idx, 3)
+    # uint8: packed FP8 index keys [B, Lk, d_I + 4] (reference/index_keys.py).
+    check_tensor(op, "k_idx", k_idx, 3, dtypes=(*FLOAT_DTYPES, torch.uint8))
     check_tensor(op, "w", w, 3)
     check_same_device(op, q_idx=q_idx, k_idx=k_idx, w=w, key_mask=key_mask)
     b, lq, h, d = q_idx.shape
+    packed = is_packed(k_idx)
+    width = packed_width(d) if packed else d
     check(
-        k_idx.shape[0] == b and k_idx.shape[2] == d,
+        k_idx.shape[0] == b and k_idx.shape[2] == width,
         op,
-        f"k_idx must be [B={b}, Lk, d_I={d}] to match q_idx {tuple(q_idx.shape)}, "
+        f"k_idx must be [B={b}, Lk, {'d_I + 4=' if packed else 'd_I='}{width}] to match "
+        f"q_idx {tuple(q_idx.shape)}{' (packed FP8 keys)' if packed else ''}, "
         f"got {tuple(k_idx.shape)}",
     )
+    if packed:
+        check(d % 4 == 0, op, f"packed FP8 index keys need d_I divisible by 4, got {d}")
     check(
         tuple(w.shape) == (b, lq, h),
         op,

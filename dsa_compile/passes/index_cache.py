@@ -34,6 +34,7 @@ from torch.fx import Node
 from dsa_compile.indexer import Indexer
 from dsa_compile.ops.spec import get_arg, set_args
 from dsa_compile.passes.normalize import mutates, val
+from dsa_compile.reference.index_keys import packed_width
 
 
 @dataclasses.dataclass
@@ -149,10 +150,11 @@ def _fake_mirror(like: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Te
         return torch.empty(like.size(0), like.size(2), width, dtype=dtype, device=like.device)
 
 
-def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
+def thread_index_cache(gm: fx.GraphModule, fp8: bool = False) -> CachePlan:
     """Rewrite every ``dsa.attention`` whose K is a cache write (see the module doc);
     returns the plan the backend's wrapper follows. ``gm`` must be a copy the caller owns
-    (new placeholders would confuse dynamo's own graph)."""
+    (new placeholders would confuse dynamo's own graph). ``fp8``: mirrors hold packed
+    FP8 keys, uint8 [B, L, d_I + 4] (reference/index_keys.py), where d_I % 4 == 0."""
     g = gm.graph
     plan = CachePlan()
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -180,6 +182,9 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
             continue
         kind, write, stops = found
         dtype, width = val(q).dtype, indexer.index_dim
+        packed = fp8 and width % 4 == 0
+        if packed:
+            dtype, width = torch.uint8, packed_width(width)
         if kind == "static":
             buf, _, pos, k_new = write.args
             source = buf
@@ -196,6 +201,8 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
         with g.inserting_before(att):
             call.args = (q, k_new)  # the indexer now projects the new rows only
             new_idx = k_idx
+            if packed:
+                new_idx = g.call_function(torch.ops.dsa.pack_index_keys.default, (k_idx,))
             mirror = None
             if source is not None and source.op == "placeholder":
                 mirror = g.placeholder(f"dsa_index_keys_{len(new_placeholders)}")
@@ -217,7 +224,7 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
                 # call, which follows the buffer's write, projects all of it once (its
                 # unwritten rows are zeros, projected too).
                 call.args = (q, source)
-                whole = mirror = k_idx
+                whole = mirror = new_idx
             cached = whole
             for stop in reversed(stops):
                 cached = g.call_function(operator.getitem, (cached, (_FULL, slice(None, stop))))
@@ -227,7 +234,8 @@ def thread_index_cache(gm: fx.GraphModule) -> CachePlan:
             extra_outs.append(whole if kind == "dynamic" else mirror)
             plan.outputs.append((outs.index(tied), indexer))
         rows = val(source if kind == "static" and source.op != "placeholder" else k_new).shape[2]
-        plan.sites[getattr(indexer, "site_name", call.target)] = (kind, str(rows))
+        plan.sites[getattr(indexer, "site_name", call.target)] = (
+            f"{kind} fp8" if packed else kind, str(rows))
     # Placeholders must precede every other node, in the order the wrapper feeds them.
     last = placeholders[-1] if placeholders else None
     for node, example in new_placeholders:

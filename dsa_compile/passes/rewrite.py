@@ -48,7 +48,7 @@ class SiteRecord:
     head_dim: int = 0
     causal: bool = False
     key_mask: bool = False
-    index_cache: str = ""   # 'static' / 'dynamic': index keys read from the cache (backend)
+    index_cache: str = ""   # "static" / "dynamic" (+ " fp8"): index keys read from the cache
     key_rows: str = ""      # key rows the indexer projects per call when cached
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from dsa_compile.reference.index_keys import is_packed, unpack_index_keys
+
 # Elements of the per-chunk [B, C, H_I, Lk] product kept in memory at once.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -32,15 +34,21 @@ def relu_scores(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor) -> to
     """The lightning indexer's formula, unmasked: I[b, t, s] = sum_j w[b, t, j] *
     ReLU(q_idx[b, t, j] . k_idx[b, s]) as float32 [B, Lq, Lk] (differentiable).
 
-    q_idx: [B, Lq, H_I, d_I]; k_idx: [B, Lk, d_I]; w: [B, Lq, H_I].
+    q_idx: [B, Lq, H_I, d_I]; k_idx: [B, Lk, d_I], or packed FP8 keys uint8
+    [B, Lk, d_I + 4] (reference/index_keys.py: the scale multiplies each key's score);
+    w: [B, Lq, H_I].
     """
     b, c, h, d = q_idx.shape
     lk = k_idx.shape[1]
+    key_scale = None
+    if is_packed(k_idx):
+        k_idx, key_scale = unpack_index_keys(k_idx)
     # Plain matmuls on contiguous views: [B, C*H, d] @ [B, d, Lk] -> [B, C, H, Lk], then
     # the head weights contract H as [B*C, 1, H] @ [B*C, H, Lk].
     dots = torch.matmul(q_idx.float().reshape(b, c * h, d), k_idx.float().transpose(1, 2))
     dots = (torch.relu(dots) if dots.requires_grad else torch.relu_(dots)).view(b * c, h, lk)
-    return torch.matmul(w.float().reshape(b * c, 1, h), dots).view(b, c, lk)
+    scores = torch.matmul(w.float().reshape(b * c, 1, h), dots).view(b, c, lk)
+    return scores if key_scale is None else scores * key_scale[:, None, :]
 
 
 def _chunk_scores(q_idx, k_idx, w, start, q_offset, causal, key_mask,
