@@ -16,8 +16,9 @@ problem's inputs between steps:
   scale per token, d_I + 4 bytes instead of 2 d_I; reference/index_keys.py)
 - stages of dsa: scores (the score kernel, with the level-1 histogram; scores8 on the
   packed FP8 keys), topk (measured as scores+topk minus scores: 2 radix levels, count,
-  write), attn+c (split-K attention with the log-sum-exp merge in its last program per
-  KV head, decode.FUSED_COMBINE) and unfused (the same with the merge as a second launch)
+  write), attn+c (split-K attention and the log-sum-exp merge as a second launch, the
+  default) and fused (the merge in the attention kernel's last program per KV head,
+  decode.FUSED_COMBINE)
 
 Floors are bytes / the copy bandwidth measured in the same run (a large device-to-device
 copy, bytes read + written): dense = the K/V cache; dsa = the index keys + top_k rows
@@ -147,7 +148,7 @@ def stage_fns(x, s, top_k=TOP_K, config=None, keys="k_idx"):
                                        scratch=s.attn, fused=fused)
 
     return {"scores": scores, "scores+topk": scores_topk, "attn+combine": attn_and_combine,
-            "attn+combine unfused": lambda: attn_and_combine(False)}
+            "attn+combine fused": lambda: attn_and_combine(True)}
 
 
 def check(d_i) -> bool:
@@ -207,7 +208,7 @@ def main():
     header = (f"{'L':>7} {'B':>3} {'dense':>8} {'naive':>8} {'dsa':>8} {'dsa8':>8} "
               f"{'floor_d':>8} {'floor_s':>8} {'floor_s8':>8} {'dsa/dense':>9} "
               f"{'dsa8/dense':>10} {'naive/dense':>11} {'scores':>7} {'scores8':>7} "
-              f"{'topk':>7} {'attn+c':>7} {'unfused':>7}")
+              f"{'topk':>7} {'attn+c':>7} {'fused':>7}")
     lines = []
     for length in [int(s) for s in a.lengths.split(",")]:
         for b in [int(s) for s in a.batches.split(",")]:
@@ -232,7 +233,7 @@ def main():
                                for x, s in zip(xs, scratches)])
             stages = {}
             fns = [stage_fns(x, s) for x, s in zip(xs, scratches)]
-            for name in ("scores+topk", "attn+combine", "attn+combine unfused",
+            for name in ("scores+topk", "attn+combine", "attn+combine fused",
                          "scores"):  # scores last: it
                 stages[name] = graph_ms([f[name] for f in fns])  # leaves hist dirty
             for s in scratches:
@@ -258,7 +259,7 @@ def main():
                     f"{t_dense / t_dsa:8.2f}x {t_dense / t_dsa8:9.2f}x "
                     f"{t_dense / t_naive:10.2f}x {stages['scores']:7.4f} "
                     f"{stages['scores8']:7.4f} {stages['topk']:7.4f} "
-                    f"{stages['attn+combine']:7.4f} {stages['attn+combine unfused']:7.4f}")
+                    f"{stages['attn+combine']:7.4f} {stages['attn+combine fused']:7.4f}")
             print(line, flush=True)
             lines.append(line)
             if a.tune and length == max(int(s) for s in a.lengths.split(",")) and b in (1, 8):

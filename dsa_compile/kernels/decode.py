@@ -684,10 +684,12 @@ def decode_combine_kernel(OP, LP, OUT, LSE, stride_ob, stride_oh, stride_ot, HQ,
                                  float("-inf")))
 
 
-# The split-K merge inside the attention kernel (its last program per KV head) instead
-# of decode_combine_kernel's launch: one dependent launch fewer per step. Not yet timed
-# on a GPU against the two-launch form (benchmarks/decode.py prints both).
-FUSED_COMBINE = True
+# The split-K merge inside the attention kernel (its last program per KV head, ordered
+# by a ticket) instead of decode_combine_kernel's launch: one dependent launch fewer per
+# step. Off until it has run against the reference on a GPU (tested in the interpreter
+# only, which runs programs one after another) and been timed against the two-launch
+# form (benchmarks/decode.py prints both).
+FUSED_COMBINE = False
 
 
 def attention_splits(batch: int, hkv: int, top_k: int) -> int:

@@ -305,17 +305,12 @@ def indexer_topk(
         # Packed FP8 keys (reference/index_keys.py): e4m3 values are exact in bf16 / fp16
         # / fp32, and the per-key scale multiplies each key's score in the kernel.
         k8, k_scale = unpack_index_keys(k_idx)
-        k_scale = k_scale.float().contiguous()
-        if fp8:
-            q_idx, q_scale = quantize_fp8(q_idx)
-            w = w.float() * q_scale
-            k_idx = k8.contiguous()
-        else:
-            k_idx = k8.to(q_idx.dtype)
+        k_idx, k_scale = (k8.contiguous() if fp8 else k8.to(q_idx.dtype)), k_scale.contiguous()
     elif fp8:
+        k_idx, k_scale = quantize_fp8(k_idx)
+    if fp8:
         # Scales are positive, so ReLU(q . k) * w = ReLU(q8 . k8) * (w * q_scale) * k_scale.
         q_idx, q_scale = quantize_fp8(q_idx)
-        k_idx, k_scale = quantize_fp8(k_idx)
         w = w.float() * q_scale
     geometry = stream_topk.sample_geometry(top_k) if STREAM and mask is None else None
     # Rows from `first_stream` on see enough keys to be streamed.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa_compile.reference.index_keys import is_packed, packed_width
+from dsa_compile.reference.index_keys import check_packable, is_packed, packed_width
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -91,7 +91,7 @@ def check_indexer_args(op, q_idx, k_idx, w, top_k, q_offset, key_mask) -> None:
         f"got {tuple(k_idx.shape)}",
     )
     if packed:
-        check(d % 4 == 0, op, f"packed FP8 index keys need d_I divisible by 4, got {d}")
+        check_packable(d)
     check(
         tuple(w.shape) == (b, lq, h),
         op,

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from dsa_compile.ops.checks import check, check_tensor
+from dsa_compile.reference.index_keys import check_packable, packed_width
 from dsa_compile.reference.index_keys import pack_index_keys as _pack
-from dsa_compile.reference.index_keys import packed_width
 
 
 def _check(k_idx):
@@ -20,8 +20,7 @@ def _check(k_idx):
     check(isinstance(k_idx, Tensor) and k_idx.dim() >= 1, op,
           "k_idx must be a tensor [..., d_I]")
     check_tensor(op, "k_idx", k_idx, k_idx.dim(), inner_contiguous=False)
-    check(k_idx.shape[-1] % 4 == 0, op, f"FP8 index keys need d_I divisible by 4, got "
-          f"{k_idx.shape[-1]}; pick another index_dim or keep the bf16 index-key cache")
+    check_packable(k_idx.shape[-1])
 
 
 @torch.library.custom_op("dsa::pack_index_keys", mutates_args=())

@@ -34,7 +34,7 @@ from torch.fx import Node
 from dsa_compile.indexer import Indexer
 from dsa_compile.ops.spec import get_arg, set_args
 from dsa_compile.passes.normalize import mutates, val
-from dsa_compile.reference.index_keys import packed_width
+from dsa_compile.reference.index_keys import SCALE_BYTES, packed_width
 
 
 @dataclasses.dataclass
@@ -182,7 +182,7 @@ def thread_index_cache(gm: fx.GraphModule, fp8: bool = False) -> CachePlan:
             continue
         kind, write, stops = found
         dtype, width = val(q).dtype, indexer.index_dim
-        packed = fp8 and width % 4 == 0
+        packed = fp8 and width % SCALE_BYTES == 0  # else this site keeps a bf16 mirror
         if packed:
             dtype, width = torch.uint8, packed_width(width)
         if kind == "static":

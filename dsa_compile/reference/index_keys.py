@@ -72,11 +72,6 @@ def unpack_index_keys(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return k8, scale
 
 
-def index_dim(k_idx: torch.Tensor) -> int:
-    """d_I of index keys, packed or not."""
-    return k_idx.shape[-1] - SCALE_BYTES if is_packed(k_idx) else k_idx.shape[-1]
-
-
 def dequantize_index_keys(packed: torch.Tensor) -> torch.Tensor:
     """float32 [..., d_I]: k8 * scale (for analysis; the ops score k8 and scale apart)."""
     k8, scale = unpack_index_keys(packed)
