@@ -17,9 +17,12 @@ DSA perplexity runs the compiled model (calibration updates its indexers in plac
 the same compiled graph measures the calibrated model). Passkey prompts have other
 lengths; they run the same op with the same indexers through
 dsa_compile.evaluation's SDPA override, which needs no recompile per length. The
-generation section runs Hugging Face ``generate`` (DynamicCache) on the passkey prompts:
-prefill time, decode tokens/s, whether the answer holds the key, and the index-key
-cache's counters (a decode step projects only the new token's index key).
+generation section runs Hugging Face ``generate`` on passkey prompts up to SmolLM2's 8K
+context, dense eager with its DynamicCache and DSA compiled with a StaticCache (Hugging
+Face's recipe for compiled generation: on this CPU a compiled DynamicCache step spends
+more on growing the cache than attention costs): prefill time, decode tokens/s, whether
+the answer holds the key, and the index-key cache's counters (a decode step projects
+only the new token's index key).
 """
 
 from __future__ import annotations
@@ -84,14 +87,16 @@ class StepClock(StoppingCriteria):
 
 
 @torch.no_grad()
-def timed_generate(model, prompt, new_tokens: int):
-    """Greedy ``model.generate`` (DynamicCache) of ``new_tokens`` after ``prompt`` [P]:
-    (generated ids [new_tokens], prefill + first token seconds, decode tokens/s)."""
+def timed_generate(model, prompt, new_tokens: int, cache: str | None = None):
+    """Greedy ``model.generate`` of ``new_tokens`` after ``prompt`` [P] (``cache``: a
+    ``cache_implementation``, None = DynamicCache): (generated ids [new_tokens], prefill
+    + first token seconds, decode tokens/s)."""
     clock = StepClock()
     start = time.perf_counter()
     out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None],
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+                         do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
+                         cache_implementation=cache)
     first, last = clock.times[0], clock.times[-1]
     rate = (len(clock.times) - 1) / (last - first) if len(clock.times) > 1 else float("nan")
     return out[0, prompt.numel():], first - start, rate
@@ -99,29 +104,32 @@ def timed_generate(model, prompt, new_tokens: int):
 
 def generation(model, tok, config, lengths, new_tokens: int, label: str) -> None:
     """Dense vs DSA ``generate`` with caches on the passkey prompts (one needle each, at
-    half depth). DSA compiles the model's forward with backend "dsa" (dynamic shapes,
-    so prompts of any length and every decode step reuse two graphs)."""
+    half depth). Dense: eager, DynamicCache. DSA: the model's forward compiled with
+    backend "dsa" (dynamic shapes, so prompts of any length and every decode step reuse
+    two graphs), StaticCache."""
     prompts = [passkey_prompt(tok, n, 0.5, key)
                for n, key in zip(lengths, ("48213", "70592", "31846", "95127"))]
     warm = passkey_prompt(tok, 512, 0.5, "11111")[0]
     dense_forward = model.forward
     rows = []
     for name in ("dense", label):
+        cache = None if name == "dense" else "static"
         if name != "dense":
             model.forward = torch.compile(dense_forward, backend="dsa", dynamic=True,
                                           options={"top_k": config.top_k,
                                                    "dense_below": config.dense_below})
             dsa_compile.index_key_cache().clear()
         t0 = time.perf_counter()
-        timed_generate(model, warm, 4)  # compiles (DSA) / warms up (dense)
+        timed_generate(model, warm, 4, cache)  # compiles (DSA) / warms up (dense)
         warmup = time.perf_counter() - t0
         for prompt, answer in prompts:
-            ids, prefill, rate = timed_generate(model, prompt, new_tokens)
+            ids, prefill, rate = timed_generate(model, prompt, new_tokens, cache)
             text = tok.decode(ids)
             key = tok.decode(answer).strip()
             rows.append((name, prompt.numel(), prefill, rate, key in text, text))
         stats = dsa_compile.index_key_cache().stats() if name != "dense" else None
-        print(f"  {name}: warm-up (compile for DSA) {warmup:.1f} s"
+        print(f"  {name} ({'StaticCache' if cache else 'DynamicCache'}): warm-up "
+              f"(compile for DSA) {warmup:.1f} s"
               + (f"; index-key cache {stats['hits']} hits, {stats['misses']} misses, "
                  f"{stats['rows_projected']} rows re-projected, {stats['bytes'] / 2**20:.1f} MiB"
                  if stats else ""))
@@ -158,6 +166,9 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", default=None, help="write the recall-by-layer PNG here")
     parser.add_argument("--new-tokens", type=int, default=16,
                         help="tokens generated per prompt in the generation section")
+    parser.add_argument("--generate-lengths", type=int, nargs="*", default=[1536, 4096, 8000],
+                        help="prompt lengths of the generation section (8000: SmolLM2's "
+                        "context, where attention is a large part of a decode step)")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation section")
     parser.add_argument("--oracle", action="store_true",
                         help="also measure the oracle: top_k keys by head-summed dense attention")
@@ -237,11 +248,11 @@ def main(argv=None) -> None:
         print(f"indexers saved to {args.save}")
 
     if not args.no_generate:
-        print(f"\ngeneration: model.generate, greedy, DynamicCache, {args.new_tokens} new tokens "
+        print(f"\ngeneration: model.generate, greedy, {args.new_tokens} new tokens "
               f"after each passkey prompt (the same model, its forward compiled with "
               f'backend="dsa" for DSA):')
         t0 = time.perf_counter()
-        generation(model, tok, config, args.passkey, args.new_tokens,
+        generation(model, tok, config, args.generate_lengths, args.new_tokens,
                    "DSA calibrated" if args.calibrate else "DSA")
         timings["generation (dense + DSA)"] = time.perf_counter() - t0
 

@@ -143,15 +143,40 @@ def test_cudagraph_decode_matches(options):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def _skip_unless_inductor_runs_the_recipe(inputs):
+    """The same recipe with the stock backend. On torch 2.11 + transformers 5.17 (H100,
+    2026-12-07) it fails inside Inductor's cudagraph trees with "TypeError: Pointer
+    argument must be either uint64 or have data_ptr method" (a segfault with the static
+    CUDA launcher), padded batch or not: an upstream failure that DSA cannot fix, so the
+    test says so instead of failing on it."""
+    model = tiny_lm("llama").cuda()
+    torch._dynamo.reset()
+    model.forward = torch.compile(type(model).forward.__get__(model), mode="reduce-overhead")
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                           cache_implementation="static")
+    except Exception as e:  # noqa: BLE001 -- any failure of the stock recipe
+        pytest.skip(f"the stock Inductor recipe fails here too ({type(e).__name__}: {e})")
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.gpu
-def test_cudagraph_generate_static_cache():
+def test_cudagraph_generate_static_cache(monkeypatch):
     """The Hugging Face recipe: a compiled forward (reduce-overhead) and ``generate``
     with a static cache, the prefill compiled too; equal to the compiled model without
-    CUDA graphs, no graph skipped."""
+    CUDA graphs, no graph skipped. (Inductor's static CUDA launcher is off: where the
+    recipe fails upstream it segfaults instead of raising.)"""
+    import torch._inductor.config as inductor_config
     from test_hf import _padded_batch
     from torch._dynamo.utils import counters
 
+    if hasattr(inductor_config, "use_static_cuda_launcher"):
+        monkeypatch.setattr(inductor_config, "use_static_cuda_launcher", False)
+
     inputs = {k: v.cuda() for k, v in _padded_batch().items()}
+    _skip_unless_inductor_runs_the_recipe(inputs)
     outs = {}
     for mode in (None, "reduce-overhead"):
         model = tiny_lm("llama").cuda()

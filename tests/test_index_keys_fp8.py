@@ -176,3 +176,35 @@ def test_gpu_decode_step_packed_keys_llama_shape_and_cuda_graph(b):
     k_idx.copy_(pack_index_keys(torch.randn(b, lk, 128, device=DEVICE)))
     graph.replay()
     assert rel_err(out, ref_step(*args, None)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [48, 128])
+def test_pack_kernel_matches_reference_bytes(d, dtype):
+    """The one-launch pack kernel writes the reference's bytes: an odd number of rows (a
+    partial last program), a zero key, a NaN key, huge and tiny magnitudes."""
+    pack = importlib.import_module("dsa_compile.kernels.index_keys").pack_index_keys
+    x = torch.randn(3, 7, d, device=DEVICE) * torch.logspace(-3, 3, 7, device=DEVICE)[:, None]
+    x[0, 1] = 0.0
+    x[2, 3, 5] = float("nan")
+    x = x.to(dtype)
+    got, want = pack(x), pack_index_keys(x)
+    assert got.shape == want.shape == (3, 7, d + 4) and got.dtype == torch.uint8
+    assert torch.equal(got, want)
+    assert torch.equal(pack(x[:, 2:5]), pack_index_keys(x[:, 2:5]))  # a strided view
+
+
+def test_pack_op_runs_the_kernel_on_cuda(monkeypatch):
+    """dsa::pack_index_keys dispatches CUDA tensors to the kernel (checked on CPU by
+    calling the CUDA registration's body through the interpreter)."""
+    ops_mod = importlib.import_module("dsa_compile.ops.index_keys")
+    kern = importlib.import_module("dsa_compile.kernels.index_keys")
+    calls, real = [], kern.pack_index_keys
+    monkeypatch.setattr(kern, "pack_index_keys", lambda x: calls.append(1) or real(x))
+    monkeypatch.setattr(kern, "ENABLED", True)
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    if DEVICE == "cuda":
+        out = torch.ops.dsa.pack_index_keys(x)
+    else:
+        out = ops_mod.pack_index_keys._backend_fns["cuda"](x)
+    assert calls == [1] and torch.equal(out, pack_index_keys(x))

@@ -41,6 +41,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def key_offsets(b, stride_kb, offs_n, stride_ks, PACKED: tl.constexpr):
+    """Offsets of index keys ``offs_n`` of sequence b in a [B, Lk, width] cache. Packed
+    FP8 rows are d_I + 4 bytes (d_I % 4 == 0): 4-byte aligned, but the compiler cannot
+    know it from a stride that is not a multiple of 16 and would load single bytes."""
+    base = b * stride_kb
+    rows = offs_n.to(tl.int64) * stride_ks
+    if PACKED:
+        base = tl.multiple_of(base, 4)
+        rows = tl.multiple_of(rows, 4)
+    return base + rows
+
+
+@triton.jit
 def tanh(x):
     # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, and available in the interpreter.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)

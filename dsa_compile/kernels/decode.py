@@ -46,6 +46,7 @@ from dsa_compile.kernels.common import (
     INTERPRET,
     LOG2E,
     dot,
+    key_offsets,
     online_softmax_finish,
     online_softmax_step,
     tanh,
@@ -167,7 +168,7 @@ def decode_scores_kernel(
             visible &= (km != 0)[None, :]
         # Blocks no query sees load nothing (their scores are -inf).
         load_ok = n_ok & (offs_n <= last)
-        kt = tl.load(KI + b * stride_kb + offs_n[None, :].to(tl.int64) * stride_ks
+        kt = tl.load(KI + key_offsets(b, stride_kb, offs_n, stride_ks, KEY_SCALE)[None, :]
                      + offs_d[:, None],
                      mask=load_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BD, BN]
         if KEY_SCALE:
@@ -686,9 +687,10 @@ def decode_combine_kernel(OP, LP, OUT, LSE, stride_ob, stride_oh, stride_ot, HQ,
 
 # The split-K merge inside the attention kernel (its last program per KV head, ordered
 # by a ticket) instead of decode_combine_kernel's launch: one dependent launch fewer per
-# step. Off until it has run against the reference on a GPU (tested in the interpreter
-# only, which runs programs one after another) and been timed against the two-launch
-# form (benchmarks/decode.py prints both).
+# step. Correct on the H100 (tests/test_decode_kernels.py merge forms, 2026-12-07) but
+# never faster there (benchmarks/RESULTS.md, decode.py): 0.0159-0.0168 ms against
+# 0.0084-0.0088 at B = 1 (32K, 128K), equal at B = 8 (0.0325 / 0.0322): the merging
+# program runs after the others instead of beside them. So off.
 FUSED_COMBINE = False
 
 

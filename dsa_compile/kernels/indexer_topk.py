@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from dsa_compile.kernels import stream_topk
-from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs
+from dsa_compile.kernels.common import INTERPRET, dot, kernel_configs, key_offsets
 from dsa_compile.kernels.select_topk import FLOAT32_LOWEST, _ordered_key, select_topk_rows
 from dsa_compile.reference.index_keys import is_packed, unpack_index_keys
 
@@ -111,7 +111,8 @@ def indexer_scores_kernel(
         live = first <= row0 + pid_m * BLOCK_M + BLOCK_M - 1 + q_offset
     if live:
         kt = tl.load(
-            KI + b * stride_kb + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None],
+            KI + key_offsets(b, stride_kb, offs_n, stride_ks, KEY_SCALE)[None, :]
+            + offs_d[:, None],
             mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0,
         )  # [BD, BN]
         q_base = QI + b * stride_qb + t[:, None] * stride_qt + offs_d[None, :]

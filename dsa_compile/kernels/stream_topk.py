@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_compile.kernels.common import INTERPRET, dot
+from dsa_compile.kernels.common import INTERPRET, dot, key_offsets
 from dsa_compile.kernels.select_topk import _configs, _emit, _load_keys, _radix_select
 
 INT32_MAX = tl.constexpr(2147483647)
@@ -155,9 +155,9 @@ def fallback_kernel(
             for start in range(0, n, BLOCK_N):
                 offs_n = start + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < n
-                kt = tl.load(KI + b * stride_kb + offs_n[None, :].to(tl.int64) * stride_ks
-                             + offs_d[:, None], mask=n_ok[None, :] & (offs_d[:, None] < D),
-                             other=0.0)  # [BD, BN]
+                rows = key_offsets(b, stride_kb, offs_n, stride_ks, KEY_SCALE)
+                kt = tl.load(KI + rows[None, :] + offs_d[:, None],
+                             mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BD, BN]
                 s = dot(q, kt, IEEE, UPCAST)  # [H_P, BN]
                 acc = tl.zeros([BLOCK_N], tl.float32)
                 for h in range(H):

@@ -18,11 +18,11 @@ from torch import Tensor
 from dsa_compile import reference
 from dsa_compile.config import DENSE_BELOW_DEFAULT, dense_threshold
 from dsa_compile.ops.checks import (
-    check,
     check_attention_args,
     check_general_masks,
     check_indexer_args,
     check_same_device_groups,
+    fail,
 )
 from dsa_compile.ops.dispatch import use_triton
 from dsa_compile.reference.dense import MASKED_BIAS
@@ -50,6 +50,8 @@ def dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap, mask=No
         return reference.dense_attention(q, k, v, scale, causal, q_offset, key_mask, softcap,
                                          mask, bias)[0]
     lq, lk = q.shape[2], k.shape[2]
+    if causal and q_offset >= lk - 1:  # every query sees every key (a decode step)
+        causal = False
     gqa = bool(q.shape[1] != k.shape[1])
     general = mask is not None or bias is not None
     if key_mask is None and not general and (not causal or q_offset == lk - lq == 0):
@@ -87,35 +89,57 @@ def _rows(t, rows, keys=None):
 
 
 DECODE_MAX_QUERIES = 16
-"""Steps of at most this many queries (decode, speculative verification) run the CUDA
-decode kernels (:func:`dsa_compile.kernels.decode.decode_attention`)."""
+"""Steps of at most this many queries (decode, speculative verification) run a decode
+path: the CUDA decode kernels (:func:`dsa_compile.kernels.decode.decode_attention`) or,
+on CPU, :func:`dsa_compile.reference.decode.decode_attention`."""
 DECODE_DEVICES = ("cuda",)
-"""Device types whose decode steps run those kernels (tests add "cpu": the interpreter)."""
+"""Device types whose decode steps run the CUDA kernels (tests add "cpu": the interpreter)."""
 
 
-def decode_crossover(batch: int) -> int:
-    """Visible keys above which a CUDA decode step is faster sparse than dense: measured
+def decode_crossover(batch: int, device_type: str = "cuda") -> int:
+    """Visible keys above which a decode step is faster sparse than dense. CUDA: measured
     on the H200 (benchmarks/RESULTS.md, decode.py; one Llama-3-8B-shaped layer, top_k
-    2048): dense wins below ~16K keys at B = 1, ~6K at B = 8, 4K at B = 32. Used in
-    place of the default ``dense_below`` for such steps (0 still forces sparse)."""
+    2048): dense wins below ~16K keys at B = 1, ~6K at B = 8, 4K at B = 32. CPU: measured
+    on the 2-core box (benchmarks/RESULTS.md, decode_cpu.py; SmolLM2 shape, top_k 256,
+    float32): 0.99x at 2K keys and 1.19x at 3K for B = 1, 1.16x at 2K for B = 4.
+    Used in place of the default ``dense_below`` for such steps (0 still forces sparse)."""
+    if device_type == "cpu":
+        return CPU_DECODE_CROSSOVER
     return 16384 if batch <= 1 else 6144 if batch <= 8 else 4096
 
 
-def _decode_step(q, mask, bias) -> bool:
+CPU_DECODE_CROSSOVER = 2048
+
+
+def _decode_path(q, k, v, mask, bias) -> str | None:
+    """Which decode path a step takes: "kernels" (the CUDA decode kernels), "reference"
+    (the CPU decode function), or None (the general path: many queries, an additive
+    bias, a general mask over several queries, :func:`force_reference`, and on CPU a
+    step that needs gradients or is being traced: the decode function is plain
+    data-dependent PyTorch, which the op's backward would trace)."""
+    from torch._subclasses.fake_tensor import is_fake
+
     # A general mask is a key mask when there is one query per row.
-    return (q.device.type in DECODE_DEVICES and use_triton()
-            and q.shape[2] <= DECODE_MAX_QUERIES and bias is None
-            and (mask is None or q.shape[2] == 1))
+    if (q.shape[2] > DECODE_MAX_QUERIES or bias is not None or not use_triton()
+            or (mask is not None and q.shape[2] != 1)):
+        return None
+    if q.device.type in DECODE_DEVICES:
+        return "kernels"
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return "reference" if q.device.type == "cpu" and not grad and not is_fake(q) else None
 
 
-def _decode(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask, softcap,
-            mask) -> Tensor:
-    from dsa_compile.kernels.decode import decode_attention
-
+def _decode(path, q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask,
+            softcap, mask) -> Tensor:
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     if mask is not None:
         row = mask[:, 0].expand(b, lk)
         key_mask = row if key_mask is None else key_mask & row
+    if path == "reference":
+        return reference.decode_attention(q, k, v, q_idx, k_idx, w, top_k, scale, q_offset,
+                                          causal, key_mask, softcap)
+    from dsa_compile.kernels.decode import decode_attention
+
     if causal:
         pos = q_offset + torch.arange(lq, device=q.device, dtype=torch.int32)
     else:
@@ -132,13 +156,13 @@ def _attention(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mas
     b, _, lq, lk = *q.shape[:3], k.shape[2]
     if lq == 0 or lk == 0:
         return q.new_zeros((b, q.shape[1], lq, v.shape[-1]))
-    decode = _decode_step(q, mask, bias)
+    decode = _decode_path(q, k, v, mask, bias)
     if decode and dense_below == DENSE_BELOW_DEFAULT:
-        dense_below = decode_crossover(b)
+        dense_below = decode_crossover(b, q.device.type)
     n_dense = dense_rows(lq, lk, top_k, q_offset, causal, dense_below)
     if decode and n_dense == 0:
-        return _decode(q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset, key_mask,
-                       softcap, mask)
+        return _decode(decode, q, k, v, q_idx, k_idx, w, top_k, scale, causal, q_offset,
+                       key_mask, softcap, mask)
     parts = []
     if n_dense > 0:
         keys = min(lk, max(q_offset + n_dense, 0)) if causal else lk
@@ -201,13 +225,12 @@ def _check(q, k, v, q_idx, k_idx, w, top_k, q_offset, key_mask, softcap, dense_b
     check_same_device_groups("attention", {"q": q, "k": k, "v": v},
                              {"q_idx": q_idx, "k_idx": k_idx, "w": w, "key_mask": key_mask,
                               "mask": mask, "bias": bias})
-    check(
-        q_idx.shape[:2] == (q.shape[0], q.shape[2]) and k_idx.shape[1] == k.shape[2],
-        "attention",
-        f"indexer inputs q_idx {tuple(q_idx.shape)} / k_idx {tuple(k_idx.shape)} do not match "
-        f"q {tuple(q.shape)} / k {tuple(k.shape)} (need q_idx [B, Lq, ...], k_idx [B, Lk, ...])",
-    )
-    check(dense_below >= 0, "attention", f"dense_below must be >= 0, got {dense_below}")
+    if not (q_idx.shape[:2] == (q.shape[0], q.shape[2]) and k_idx.shape[1] == k.shape[2]):
+        fail("attention", f"indexer inputs q_idx {tuple(q_idx.shape)} / k_idx "
+             f"{tuple(k_idx.shape)} do not match q {tuple(q.shape)} / k {tuple(k.shape)} "
+             f"(need q_idx [B, Lq, ...], k_idx [B, Lk, ...])")
+    if dense_below < 0:
+        fail("attention", f"dense_below must be >= 0, got {dense_below}")
     check_general_masks("attention", q, k.shape[2], mask, bias)
 
 

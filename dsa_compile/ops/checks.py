@@ -16,43 +16,39 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 def check(cond: bool, op: str, msg: str) -> None:
     if not cond:
-        raise ValueError(f"dsa.{op}: {msg}")
+        fail(op, msg)
+
+
+def fail(op: str, msg: str) -> None:
+    """Raise the ops' ValueError. The checks below test first and only then build their
+    messages: a decode step runs them once per layer, and formatting a few dozen unused
+    f-strings cost more than the step's arithmetic on a small model."""
+    raise ValueError(f"dsa.{op}: {msg}")
 
 
 def check_tensor(
     op: str, name: str, t: torch.Tensor, rank: int, dtypes=FLOAT_DTYPES, inner_contiguous=True
 ) -> None:
-    check(isinstance(t, torch.Tensor), op, f"{name} must be a tensor, got {type(t).__name__}")
-    check(
-        t.dim() == rank,
-        op,
-        f"{name} must have rank {rank}, got shape {tuple(t.shape)}",
-    )
-    check(
-        t.dtype in dtypes,
-        op,
-        f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]} "
-        f"(cast it with .to(...))",
-    )
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        fail(op, f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        fail(op, f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]} "
+             f"(cast it with .to(...))")
     if inner_contiguous and t.numel() > 0:
-        check(
-            t.stride(-1) == 1,
-            op,
-            f"{name} must be contiguous in its last dimension (stride {t.stride()}); "
-            f"call .contiguous() first",
-        )
+        if t.stride(-1) != 1:
+            fail(op, f"{name} must be contiguous in its last dimension (stride {t.stride()}); "
+                 f"call .contiguous() first")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]
     for name, t in named[1:]:
-        check(
-            t.device == first.device,
-            op,
-            f"{name} is on {t.device} but {first_name} is on {first.device}; "
-            f"move them to one device",
-        )
+        if t.device != first.device:
+            fail(op, f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                 f"move them to one device")
 
 
 def check_same_device_groups(op: str, *groups: dict[str, torch.Tensor | None]) -> None:
@@ -66,12 +62,9 @@ def check_same_device_groups(op: str, *groups: dict[str, torch.Tensor | None]) -
         firsts.append((", ".join(names), group[names[0]].device))
     first_names, first_device = firsts[0]
     for names, device in firsts[1:]:
-        check(
-            device == first_device,
-            op,
-            f"{names} are on {device} but {first_names} are on {first_device}; "
-            f"move them to one device",
-        )
+        if device != first_device:
+            fail(op, f"{names} are on {device} but {first_names} are on {first_device}; "
+                 f"move them to one device")
 
 
 def check_indexer_args(op, q_idx, k_idx, w, top_k, q_offset, key_mask) -> None:
@@ -83,33 +76,26 @@ def check_indexer_args(op, q_idx, k_idx, w, top_k, q_offset, key_mask) -> None:
     b, lq, h, d = q_idx.shape
     packed = is_packed(k_idx)
     width = packed_width(d) if packed else d
-    check(
-        k_idx.shape[0] == b and k_idx.shape[2] == width,
-        op,
-        f"k_idx must be [B={b}, Lk, {'d_I + 4=' if packed else 'd_I='}{width}] to match "
-        f"q_idx {tuple(q_idx.shape)}{' (packed FP8 keys)' if packed else ''}, "
-        f"got {tuple(k_idx.shape)}",
-    )
+    if not (k_idx.shape[0] == b and k_idx.shape[2] == width):
+        fail(op, f"k_idx must be [B={b}, Lk, {'d_I + 4=' if packed else 'd_I='}{width}] to match "
+             f"q_idx {tuple(q_idx.shape)}{' (packed FP8 keys)' if packed else ''}, "
+             f"got {tuple(k_idx.shape)}")
     if packed:
         check_packable(d)
-    check(
-        tuple(w.shape) == (b, lq, h),
-        op,
-        f"w must be [B, Lq, H_I] = {(b, lq, h)} to match q_idx, got {tuple(w.shape)}",
-    )
+    if tuple(w.shape) != (b, lq, h):
+        fail(op, f"w must be [B, Lq, H_I] = {(b, lq, h)} to match q_idx, got {tuple(w.shape)}")
     if top_k is not None:
-        check(isinstance(top_k, int) or isinstance(top_k, torch.SymInt), op,
-              f"top_k must be an int, got {type(top_k).__name__}")
-        check(top_k > 0, op, f"top_k must be > 0, got {top_k}")
-    check(isinstance(q_offset, (int, torch.SymInt)), op,
-          f"q_offset must be an int, got {type(q_offset).__name__}")
+        if not (isinstance(top_k, int) or isinstance(top_k, torch.SymInt)):
+            fail(op, f"top_k must be an int, got {type(top_k).__name__}")
+        if top_k <= 0:
+            fail(op, f"top_k must be > 0, got {top_k}")
+    if not isinstance(q_offset, (int, torch.SymInt)):
+        fail(op, f"q_offset must be an int, got {type(q_offset).__name__}")
     if key_mask is not None:
         check_tensor(op, "key_mask", key_mask, 2, dtypes=(torch.bool,), inner_contiguous=False)
-        check(
-            tuple(key_mask.shape) == (b, k_idx.shape[1]),
-            op,
-            f"key_mask must be bool [B, Lk] = {(b, k_idx.shape[1])}, got {tuple(key_mask.shape)}",
-        )
+        if tuple(key_mask.shape) != (b, k_idx.shape[1]):
+            fail(op, f"key_mask must be bool [B, Lk] = {(b, k_idx.shape[1])}, "
+                 f"got {tuple(key_mask.shape)}")
 
 
 def check_attention_args(op, q, k, v, softcap) -> None:
@@ -117,22 +103,22 @@ def check_attention_args(op, q, k, v, softcap) -> None:
     check_tensor(op, "k", k, 4)
     check_tensor(op, "v", v, 4)
     check_same_device(op, q=q, k=k, v=v)
-    check(
-        q.dtype == k.dtype == v.dtype,
-        op,
-        f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
-    )
+    if not (q.dtype == k.dtype == v.dtype):
+        fail(op, f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, hq, _, d = q.shape
-    check(k.shape[0] == b and v.shape[0] == b, op,
-          f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if not (k.shape[0] == b and v.shape[0] == b):
+        fail(op, f"batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
     hkv = k.shape[1]
-    check(v.shape[1] == hkv, op, f"k has {hkv} heads but v has {v.shape[1]}")
-    check(hkv > 0 and hq % hkv == 0, op,
-          f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    check(k.shape[3] == d, op, f"k head dim {k.shape[3]} != q head dim {d}")
-    check(v.shape[2] == k.shape[2], op,
-          f"k has {k.shape[2]} keys but v has {v.shape[2]}")
-    check(softcap >= 0, op, f"softcap must be >= 0, got {softcap}")
+    if v.shape[1] != hkv:
+        fail(op, f"k has {hkv} heads but v has {v.shape[1]}")
+    if not (hkv > 0 and hq % hkv == 0):
+        fail(op, f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if k.shape[3] != d:
+        fail(op, f"k head dim {k.shape[3]} != q head dim {d}")
+    if v.shape[2] != k.shape[2]:
+        fail(op, f"k has {k.shape[2]} keys but v has {v.shape[2]}")
+    if softcap < 0:
+        fail(op, f"softcap must be >= 0, got {softcap}")
 
 
 def check_indices(op, indices, q, k) -> None:
@@ -141,13 +127,11 @@ def check_indices(op, indices, q, k) -> None:
     b, hq, lq, _ = q.shape
     hkv = k.shape[1]
     g = indices.shape[1]
-    check(
-        indices.shape[0] == b and g in (1, hkv) and indices.shape[2] == lq,
-        op,
-        f"indices must be [B={b}, G, Lq={lq}, top_k] with G = 1 or Hkv = {hkv}, "
-        f"got {tuple(indices.shape)}",
-    )
-    check(indices.shape[3] > 0, op, "indices must have top_k > 0 slots")
+    if not (indices.shape[0] == b and g in (1, hkv) and indices.shape[2] == lq):
+        fail(op, f"indices must be [B={b}, G, Lq={lq}, top_k] with G = 1 or Hkv = {hkv}, "
+             f"got {tuple(indices.shape)}")
+    if indices.shape[3] <= 0:
+        fail(op, "indices must have top_k > 0 slots")
 
 
 def check_indices_range(op, indices, lk) -> None:
@@ -155,11 +139,9 @@ def check_indices_range(op, indices, lk) -> None:
     if indices.numel() == 0:
         return
     lo, hi = int(indices.min()), int(indices.max())
-    check(
-        lo >= -1 and hi < lk,
-        op,
-        f"indices out of range: found values in [{lo}, {hi}], allowed -1 (unused) .. {lk - 1}",
-    )
+    if not (lo >= -1 and hi < lk):
+        fail(op, f"indices out of range: found values in [{lo}, {hi}], "
+             f"allowed -1 (unused) .. {lk - 1}")
 
 
 def check_general_masks(op, q, lk, mask, bias) -> None:
@@ -170,9 +152,6 @@ def check_general_masks(op, q, lk, mask, bias) -> None:
             continue
         check_tensor(op, name, t, 3, dtypes=dtypes, inner_contiguous=False)
         check_same_device(op, q=q, **{name: t})
-        check(
-            t.shape[0] in (1, b) and tuple(t.shape[1:]) == (lq, lk),
-            op,
-            f"{name} must be [B or 1, Lq, Lk] = [{b} or 1, {lq}, {lk}] (one pattern for all "
-            f"heads), got {tuple(t.shape)}",
-        )
+        if not (t.shape[0] in (1, b) and tuple(t.shape[1:]) == (lq, lk)):
+            fail(op, f"{name} must be [B or 1, Lq, Lk] = [{b} or 1, {lq}, {lk}] (one pattern "
+                 f"for all heads), got {tuple(t.shape)}")

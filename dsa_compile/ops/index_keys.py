@@ -2,7 +2,8 @@
 
 The index-key cache pass (passes/index_cache.py) inserts it where a graph writes new
 index keys into an FP8 cache (``DSAConfig(index_cache_fp8=True)``); an opaque op keeps
-the byte layout out of Inductor's hands. Any device.
+the byte layout out of Inductor's hands. Any device; on CUDA one Triton launch
+(kernels/index_keys.py) once that kernel is enabled.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dsa_compile.ops.checks import check, check_tensor
+from dsa_compile.ops.dispatch import use_triton
 from dsa_compile.reference.index_keys import check_packable, packed_width
 from dsa_compile.reference.index_keys import pack_index_keys as _pack
 
@@ -39,3 +41,13 @@ def _(k_idx):
     _check(k_idx)
     return k_idx.new_empty((*k_idx.shape[:-1], packed_width(k_idx.shape[-1])),
                            dtype=torch.uint8)
+
+
+@pack_index_keys.register_kernel("cuda")
+def _(k_idx):
+    _check(k_idx)
+    from dsa_compile.kernels import index_keys as kernel
+
+    if not (use_triton() and kernel.ENABLED):
+        return _pack(k_idx)
+    return kernel.pack_index_keys(k_idx)

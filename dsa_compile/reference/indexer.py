@@ -114,6 +114,27 @@ def indexer_scores(
     return torch.cat(parts, dim=1)
 
 
+def topk_set(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact selected set of each row of ``scores`` [..., Lk] (Lk > 0), in no order:
+    (values, int64 indices), both [..., min(top_k, Lk)]; a slot whose value is -inf
+    holds no selected key. The rules are :func:`select_topk`'s."""
+    k = min(top_k, scores.shape[-1])
+    vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
+    # torch.topk breaks ties arbitrarily and ranks NaN above everything. A row is exact
+    # when exactly k scores reach its k-th value: that fails for a tie at the k-th value,
+    # a NaN among the top k (amin is NaN, nothing reaches it) and a row with fewer than k
+    # visible keys (-inf is reached by all). One test, one sync; only such rows are
+    # redone by a stable sort, NaN as the lowest finite score (as the Triton select).
+    kth = vals.amin(dim=-1, keepdim=True)
+    redo = (scores >= kth).sum(-1) != k
+    if bool(redo.any()):
+        rows = torch.nan_to_num(scores[redo], nan=torch.finfo(scores.dtype).min,
+                                posinf=float("inf"), neginf=float("-inf"))
+        idx[redo] = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :k]
+        vals[redo] = torch.gather(rows, -1, idx[redo])
+    return vals, idx
+
+
 def select_topk(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """Top-k of each row of ``scores`` [..., Lk] as int32 [..., top_k].
 
@@ -127,23 +148,8 @@ def select_topk(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     if width == 0:  # no key at all
         return torch.full((*scores.shape[:-1], top_k), -1, dtype=torch.int32,
                           device=scores.device)
-    k = min(top_k, width)
-    vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
-    # topk ranks NaN above everything (and the -inf test below would then drop the slot, so
-    # a NaN row would select no key): a row holding NaN has one among its top k. Only then
-    # redo, NaN as the lowest finite score, as the Triton select maps it.
-    if bool(vals.isnan().any()):
-        scores = torch.nan_to_num(scores, nan=torch.finfo(scores.dtype).min,
-                                  posinf=float("inf"), neginf=float("-inf"))
-        vals, idx = torch.topk(scores, k, dim=-1, sorted=False)
-    kth = vals.min(dim=-1, keepdim=True).values
-    # torch.topk breaks ties arbitrarily. A row is exact unless its k-th value is finite
-    # and more keys than k reach it; redo only those rows with a stable sort.
-    tied = (kth.squeeze(-1) > float("-inf")) & ((scores >= kth).sum(-1) > k)
-    if bool(tied.any()):
-        rows = scores[tied]
-        idx[tied] = torch.sort(rows, dim=-1, descending=True, stable=True).indices[..., :k]
-        vals[tied] = torch.gather(rows, -1, idx[tied])
+    vals, idx = topk_set(scores, top_k)
+    k = idx.shape[-1]
     # Unused slots sort last as `width`; int32 sorts faster than int64.
     idx = torch.where(vals > float("-inf"), idx, width).to(torch.int32)
     idx = torch.sort(idx, dim=-1).values

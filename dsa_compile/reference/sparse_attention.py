@@ -44,7 +44,7 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def _chunk_scores(q, k, indices, scale, softcap, bias=None):
     """Scores of one chunk over its gathered keys: q [B, Hkv, R, C, D], indices
     [B, G, C, K], bias [B, G, C, K] or None -> [B, Hkv, R, C, K], -inf in -1 slots."""
-    kg = _gather_rows(k, indices.clamp_min(0).long())
+    kg = _gather_rows(k, indices.clamp_min(0).long()).to(q.dtype)  # gather, then convert
     s = torch.einsum("bgrcd,bgckd->bgrck", q, kg) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -79,11 +79,14 @@ def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
     return torch.einsum(eq, p, v_rows), lse
 
 
-def _chunk_gathered(q, k, v, idx, scale, softcap, bias=None):
-    """q [B, Hkv, R, C, D], idx [B, G, C, K]: gather the K selected rows of k and v."""
-    idx = _drop_repeats(idx)  # the mask paths count a repeated key once; so must this one
+def _chunk_gathered(q, k, v, idx, scale, softcap, bias=None, distinct=False):
+    """q [B, Hkv, R, C, D] float32, idx [B, G, C, K]: gather the K selected rows of k and
+    v (any float dtype; the gathered rows are converted). ``distinct``: the caller knows
+    that no row lists a key twice."""
+    if not distinct:  # the mask paths count a repeated key once; so must this one
+        idx = _drop_repeats(idx)
     s = _chunk_scores(q, k, idx, scale, softcap, bias)
-    vg = _gather_rows(v, idx.clamp_min(0).long())
+    vg = _gather_rows(v, idx.clamp_min(0).long()).to(q.dtype)
     return _softmax_out(s, vg, "bgrck,bgcke->bgrce")
 
 
