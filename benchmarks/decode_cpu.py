@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 
+import harness
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -46,13 +47,6 @@ def timed_ms(fn, seconds=0.3) -> float:
     return statistics.median(samples)
 
 
-def copy_bandwidth() -> float:
-    x = torch.empty(64 << 20, dtype=torch.uint8)
-    y = torch.empty_like(x)
-    ms = timed_ms(lambda: y.copy_(x))
-    return 2 * x.numel() / (ms * 1e-3)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="1024,2048,3072,4096,6144,8192,16384")
@@ -62,8 +56,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    bw = copy_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+    bw = harness.copy_bandwidth("cpu")
+    print(f"{harness.card()}, {torch.get_num_threads()} threads, float32, "
           f"copy bandwidth {bw / 1e9:.1f} GB/s")
     print(f"{'L':>7} {'B':>3} {'dense':>8} {'dsa':>8} {'floor_d':>8} {'floor_s':>8} "
           f"{'dsa/dense':>9}   (ms per layer step)")

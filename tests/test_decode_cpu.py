@@ -134,6 +134,10 @@ def test_decode_path_variants(monkeypatch, case):
     assert calls == 1 and out.dtype == q.dtype and not out.isnan().any()
     tol = 2e-2 if case == "bf16" else 1e-5
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    if case == "strided-cache":  # both paths gather from the view: check against a copy
+        again, _, _ = both(monkeypatch, (q, k.contiguous(), v.contiguous(), q_idx, k_idx, w),
+                           9, lk - lq)
+        torch.testing.assert_close(out, again, atol=1e-6, rtol=1e-6)
 
 
 def test_general_steps_stay_on_the_general_path(monkeypatch):

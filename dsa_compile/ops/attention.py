@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from dsa_compile import reference
 from dsa_compile.config import DENSE_BELOW_DEFAULT, dense_threshold
@@ -96,19 +97,19 @@ DECODE_DEVICES = ("cuda",)
 """Device types whose decode steps run the CUDA kernels (tests add "cpu": the interpreter)."""
 
 
+CPU_DECODE_CROSSOVER = 3072  # B = 1; see decode_crossover
+
+
 def decode_crossover(batch: int, device_type: str = "cuda") -> int:
     """Visible keys above which a decode step is faster sparse than dense. CUDA: measured
     on the H200 (benchmarks/RESULTS.md, decode.py; one Llama-3-8B-shaped layer, top_k
     2048): dense wins below ~16K keys at B = 1, ~6K at B = 8, 4K at B = 32. CPU: measured
     on the 2-core box (benchmarks/RESULTS.md, decode_cpu.py; SmolLM2 shape, top_k 256,
-    float32): 0.99x at 2K keys and 1.19x at 3K for B = 1, 1.16x at 2K for B = 4.
+    float32): 0.95x at 2K keys and 1.13x at 3K for B = 1, 1.10x at 2K for B = 4.
     Used in place of the default ``dense_below`` for such steps (0 still forces sparse)."""
     if device_type == "cpu":
-        return CPU_DECODE_CROSSOVER
+        return CPU_DECODE_CROSSOVER if batch <= 1 else 2048
     return 16384 if batch <= 1 else 6144 if batch <= 8 else 4096
-
-
-CPU_DECODE_CROSSOVER = 2048
 
 
 def _decode_path(q, k, v, mask, bias) -> str | None:
@@ -117,8 +118,6 @@ def _decode_path(q, k, v, mask, bias) -> str | None:
     bias, a general mask over several queries, :func:`force_reference`, and on CPU a
     step that needs gradients or is being traced: the decode function is plain
     data-dependent PyTorch, which the op's backward would trace)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     # A general mask is a key mask when there is one query per row.
     if (q.shape[2] > DECODE_MAX_QUERIES or bias is not None or not use_triton()
             or (mask is not None and q.shape[2] != 1)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from dsa_compile.reference.indexer import relu_scores, topk_set, visible_mask
+from dsa_compile.reference.sparse_attention import gather_rows
 
 
 def decode_attention(q, k, v, q_idx, k_idx, w, top_k: int, scale: float, q_offset: int,
@@ -47,10 +48,8 @@ def decode_attention(q, k, v, q_idx, k_idx, w, top_k: int, scale: float, q_offse
                 vis = key_mask[:, None, :reach] & vis
             scores = scores.masked_fill_(~vis, float("-inf"))
         vals, idx = topk_set(scores, top_k)  # [B, Lq, K]
-    n = idx.shape[-1]
-    sel = idx.view(b, 1, lq * n)
-    kg = _rows(k, sel).view(b, hkv, lq, n, d).float()
-    vg = _rows(v, sel).view(b, hkv, lq, n, -1).float()
+    kg = gather_rows(k, idx[:, None]).float()  # [B, Hkv, Lq, K, D]
+    vg = gather_rows(v, idx[:, None]).float()
     qg = q.float().view(b, hkv, hq // hkv, lq, d).transpose(2, 3)  # [B, Hkv, Lq, R, D]
     s = torch.matmul(qg * scale, kg.transpose(-1, -2))  # [B, Hkv, Lq, R, K]
     if softcap > 0:
@@ -64,13 +63,3 @@ def decode_attention(q, k, v, q_idx, k_idx, w, top_k: int, scale: float, q_offse
     out = torch.matmul(p, vg).transpose(2, 3)  # [B, Hkv, R, Lq, Dv]
     return out.reshape(b, hq, lq, -1).to(q.dtype)
 
-
-def _rows(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    """Rows ``sel`` [B, 1, N] of every head of x [B, H, L, D]: [B, H, N, D], copying
-    only those rows whatever x's strides (a compiled graph may hand over a cache view)."""
-    b, h, lk, d = x.shape
-    if x.is_contiguous():  # one index_select over the flat [B * H * L] rows: the cheapest
-        base = torch.arange(0, b * h * lk, lk, device=x.device).view(b, h, 1)
-        return x.view(-1, d).index_select(0, (base + sel).view(-1)).view(b, h, -1, d)
-    batch = torch.arange(b, device=x.device).view(b, 1, 1)
-    return x[batch, torch.arange(h, device=x.device).view(1, h, 1), sel]

@@ -31,20 +31,24 @@ DENSE_GEMM_RATIO = 8
 FUSED_RATIO = 16  # the fused CPU kernel beats row gathers up to here (measured, SmolLM2 shape)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: [B, Hkv, Lk, D], idx: [B, G, C, K] (clamped, >= 0) -> [B, Hkv, C, K, D]."""
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: [B, Hkv, Lk, D], idx: [B, G, C, K] (clamped, >= 0) -> [B, Hkv, C, K, D]: only the
+    selected rows are copied, whatever x's strides (a cache view: not the whole cache).
+    Few ops: a decode step calls this twice per layer."""
     b, hkv, lk, d = x.shape
-    g, c, k = idx.shape[1:]
-    idx = idx.expand(b, hkv, c, k) if g == 1 else idx
-    base = (torch.arange(b, device=x.device)[:, None] * hkv + torch.arange(hkv, device=x.device))
-    flat = (base[:, :, None, None] * lk + idx).reshape(-1)
-    return x.reshape(b * hkv * lk, d).index_select(0, flat).view(b, hkv, c, k, d)
+    c, k = idx.shape[2:]
+    if not x.is_contiguous():
+        rows_b = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        return x[rows_b, torch.arange(hkv, device=x.device).view(1, hkv, 1, 1), idx]
+    # One index_select over the flat [B * Hkv * Lk] rows (G = 1 broadcasts over Hkv).
+    base = torch.arange(0, b * hkv * lk, lk, device=x.device).view(b, hkv, 1, 1)
+    return x.view(b * hkv * lk, d).index_select(0, (base + idx).view(-1)).view(b, hkv, c, k, d)
 
 
 def _chunk_scores(q, k, indices, scale, softcap, bias=None):
     """Scores of one chunk over its gathered keys: q [B, Hkv, R, C, D], indices
     [B, G, C, K], bias [B, G, C, K] or None -> [B, Hkv, R, C, K], -inf in -1 slots."""
-    kg = _gather_rows(k, indices.clamp_min(0).long()).to(q.dtype)  # gather, then convert
+    kg = gather_rows(k, indices.clamp_min(0).long())
     s = torch.einsum("bgrcd,bgckd->bgrck", q, kg) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -79,14 +83,11 @@ def _softmax_out(s: torch.Tensor, v_rows: torch.Tensor, eq: str):
     return torch.einsum(eq, p, v_rows), lse
 
 
-def _chunk_gathered(q, k, v, idx, scale, softcap, bias=None, distinct=False):
-    """q [B, Hkv, R, C, D] float32, idx [B, G, C, K]: gather the K selected rows of k and
-    v (any float dtype; the gathered rows are converted). ``distinct``: the caller knows
-    that no row lists a key twice."""
-    if not distinct:  # the mask paths count a repeated key once; so must this one
-        idx = _drop_repeats(idx)
+def _chunk_gathered(q, k, v, idx, scale, softcap, bias=None):
+    """q [B, Hkv, R, C, D], idx [B, G, C, K]: gather the K selected rows of k and v."""
+    idx = _drop_repeats(idx)  # the mask paths count a repeated key once; so must this one
     s = _chunk_scores(q, k, idx, scale, softcap, bias)
-    vg = _gather_rows(v, idx.clamp_min(0).long()).to(q.dtype)
+    vg = gather_rows(v, idx.clamp_min(0).long())
     return _softmax_out(s, vg, "bgrck,bgcke->bgrce")
 
 
