@@ -102,8 +102,8 @@ def prepare(model, tok, variant: str, args, config: DSAConfig, ranges) -> str:
     device = next(model.parameters()).device
     base = variant.removesuffix("-group")
     shape = f"-{config.index_heads}x{config.index_dim}" if config.index_heads else ""
-    path = os.path.join(args.cache,
-                        f"{variant}{shape}-k{args.top_k}-c{args.context}.safetensors")
+    path = os.path.join(args.cache, f"{variant}{shape}{calibration_key(args)}-k{args.top_k}"
+                                    f"-c{args.context}.safetensors")
     if base == "dsa-free" or not args.fresh and os.path.exists(path):
         fit = ranges["fit"][None].to(device)
         capture_sites(model, [fit], config, caller="retrieval", per_group=group)  # fits
@@ -117,11 +117,19 @@ def prepare(model, tok, variant: str, args, config: DSAConfig, ranges) -> str:
     else:
         blocks = mixed_length_blocks(tok, 2048, args.calib_tokens, start, min_length=2048)
     blocks = [b.to(device) for b in blocks]
-    res = calibrate(model, blocks, config, steps=args.steps, per_group=group, progress=False)
+    res = calibrate(model, blocks, config, steps=args.steps, per_group=group, progress=False,
+                    recall_weight=args.recall_weight, head_max=args.head_max)
     os.makedirs(args.cache, exist_ok=True)
     (save_grouped if group else save_indexers)(model, path)
     lengths = sorted({b.shape[1] for b in blocks}, reverse=True)
     return f"{res} (block lengths {lengths})"
+
+
+def calibration_key(args) -> str:
+    """Suffix naming non-default calibration settings ("" for the defaults)."""
+    key = f"+s{args.steps}" if args.steps != 300 else ""
+    key += f"+rw{args.recall_weight:g}" if args.recall_weight else ""
+    return key + (f"+hm{args.head_max:g}" if args.head_max != 0.5 else "")
 
 
 def reference_ops(device: str):
@@ -145,6 +153,10 @@ def main(argv=None) -> None:
     parser.add_argument("--calib-tokens", type=int, default=32768,
                         help="calibration tokens, the same for mixed and 2048-only")
     parser.add_argument("--steps", type=int, default=300, help="calibration steps")
+    parser.add_argument("--recall-weight", type=float, default=0.0,
+                        help="calibrate's recall_weight (missed-mass term); keyed +rwX")
+    parser.add_argument("--head-max", type=float, default=0.5,
+                        help="calibrate's head_max; keyed +hmX when not 0.5")
     parser.add_argument("--cache", default="/tmp/dsa_retrieval")
     parser.add_argument("--fresh", action="store_true", help="recalibrate even if cached")
     parser.add_argument("--json", default="/tmp/dsa_retrieval/results.json")
@@ -182,7 +194,10 @@ def main(argv=None) -> None:
             mode, group = mode_of(variant)
             if suffix and group:
                 raise SystemExit("--index-shape sets the shared indexer; drop the -group variants")
-            cell = results.setdefault(variant + (suffix if mode == "dsa" else ""), {})
+            calibrated = mode == "dsa" and not variant.startswith("dsa-free")
+            name = variant + (suffix if mode == "dsa" else "") + \
+                (calibration_key(args) if calibrated else "")
+            cell = results.setdefault(name, {})
             needed = [f"ppl{n}" for n in args.ppl_lengths if f"ppl{n}" not in cell] + \
                 [f"pk{n}x{args.needles}" for n in args.lengths
                  if f"pk{n}x{args.needles}" not in cell]

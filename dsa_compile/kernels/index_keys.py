@@ -1,9 +1,11 @@
 """Packing index keys into the FP8 cache format in one launch (reference/index_keys.py).
 
-A decode step packs one new key per sequence and layer. The reference's dozen small
-PyTorch ops are a dozen launches per layer under a CUDA graph, which cost more than the
-narrower keys save (H100, Llama-3-8B shape, 32 layers, 128K, B = 1: 97.6 tok/s with the
-FP8 cache against 104.2 with bf16 keys, benchmarks/RESULTS.md); this kernel is one.
+A decode step packs one new key per sequence and layer: the reference's dozen small
+PyTorch ops are a dozen launches per layer under a CUDA graph, this kernel is one.
+Byte-exact against the reference on an H100 and in Triton's interpreter
+(tests/test_index_keys_fp8.py). It did not make the FP8 cache faster end to end (H100,
+Llama-3-8B shape, 128K, B = 1: 93.7 tok/s against 98.9 with bf16 keys; the per-step pack
+was not the cause, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -18,11 +20,6 @@ from dsa_compile.reference.index_keys import _TINY, FP8_MAX, check_packable, pac
 # GPU compile, 2026-12-07, failed on exactly that).
 TINY = tl.constexpr(_TINY)
 E4M3_MAX = tl.constexpr(FP8_MAX)
-
-ENABLED = False
-"""Whether ``dsa::pack_index_keys`` runs this kernel on CUDA. Off: it is byte-exact
-against the reference in Triton's interpreter (tests/test_index_keys_fp8.py), but has
-not yet compiled and run on a GPU; until then CUDA runs the reference's ops."""
 
 
 @triton.jit

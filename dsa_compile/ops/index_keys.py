@@ -48,6 +48,6 @@ def _(k_idx):
     _check(k_idx)
     from dsa_compile.kernels import index_keys as kernel
 
-    if not (use_triton() and kernel.ENABLED):
+    if not use_triton():
         return _pack(k_idx)
     return kernel.pack_index_keys(k_idx)
