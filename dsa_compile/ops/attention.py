@@ -97,9 +97,6 @@ DECODE_DEVICES = ("cuda",)
 """Device types whose decode steps run the CUDA kernels (tests add "cpu": the interpreter)."""
 
 
-CPU_DECODE_CROSSOVER = 3072  # B = 1; see decode_crossover
-
-
 def decode_crossover(batch: int, device_type: str = "cuda") -> int:
     """Visible keys above which a decode step is faster sparse than dense. CUDA: measured
     on the H200 (benchmarks/RESULTS.md, decode.py; one Llama-3-8B-shaped layer, top_k
@@ -108,7 +105,7 @@ def decode_crossover(batch: int, device_type: str = "cuda") -> int:
     float32): 0.95x at 2K keys and 1.13x at 3K for B = 1, 1.10x at 2K for B = 4.
     Used in place of the default ``dense_below`` for such steps (0 still forces sparse)."""
     if device_type == "cpu":
-        return CPU_DECODE_CROSSOVER if batch <= 1 else 2048
+        return 3072 if batch <= 1 else 2048
     return 16384 if batch <= 1 else 6144 if batch <= 8 else 4096
 
 
